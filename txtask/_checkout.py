@@ -1,0 +1,427 @@
+"""
+Checkout: ordered calls on one exclusively held worker.
+
+How this works. A checkout starts with no worker. Its first call asks the
+pool for one; calls queue in order and run one at a time, the next sent when
+the previous reply arrives. A timer runs while a call waits for a worker or
+runs, restarted as each call is made and as each one starts.
+
+  - A C{RemoteError} fails its call; calls queued behind it at that moment
+    fail with C{CallSkipped}, and the checkout goes on.
+  - A fatal error (worker died, timeout, abort, protocol error) fails the
+    running and queued calls and sticks: every later call fails at once with
+    it. The worker is dropped, never reused.
+  - C{release()} returns the worker to the pool once the queue drains.
+  - A worker that says C{bye} before answering anything in this checkout
+    took none of its calls, so the checkout quietly asks for another.
+
+The user holds a L{Checkout}; the pool and the worker connection hold only
+its L{_CheckoutCore}, so dropping the last L{Checkout} releases it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txtask import _wire
+from txtask.errors import (
+    CallSkipped,
+    CheckoutAborted,
+    CheckoutReleased,
+    CheckoutTimeout,
+    ClientClosed,
+    FatalError,
+    ProtocolError,
+    RemoteError,
+    SetupError,
+    WorkerDied,
+)
+
+if TYPE_CHECKING:
+    from txtask._protocol import WorkerConnection
+
+_checkout_ids = itertools.count(1)
+
+
+class Pool(Protocol):
+    """
+    What a checkout needs from the client's pool.
+    """
+
+    reactor: IReactorTime
+    name: str | None
+
+    def request_worker(self, core: _CheckoutCore, first: bool = False) -> None:
+        """
+        Queue for a worker (at the front if C{first}); the pool calls
+        C{core.worker_assigned} when one is free.
+        """
+
+    def withdraw(self, core: _CheckoutCore) -> None:
+        """
+        The checkout is done with the pool: it no longer waits for a worker
+        and holds none.
+        """
+
+    def return_worker(self, connection: WorkerConnection, retire: bool) -> None:
+        """
+        Take back a worker after a checkout, retiring it if asked.
+        """
+
+    def discard_worker(self, connection: WorkerConnection) -> None:
+        """
+        Drop a worker that must never be reused.
+        """
+
+
+class _Call:
+    __slots__ = ("method", "frame", "result")
+
+    def __init__(self, method: str | None, frame: bytes, result: Deferred) -> None:
+        self.method = method
+        self.frame = frame
+        self.result = result
+
+    @property
+    def label(self) -> str:
+        return "__call__()" if self.method is None else f"{self.method}()"
+
+
+class _CheckoutCore:
+    """
+    The state of one checkout, as the pool and the worker connection see it.
+
+    @ivar checkout_id: A number unique in this process, for logs.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool: Pool, timeout: float | None) -> None:
+        self.checkout_id = next(_checkout_ids)
+        self.released = False
+        self._pool = pool
+        self._timeout = timeout
+        self._queue: deque[_Call] = deque()
+        self._running: _Call | None = None
+        self._worker: WorkerConnection | None = None
+        self._requested = False
+        self._fatal: FatalError | ProtocolError | ClientClosed | None = None
+        self._saw_error = False
+        self._setup_failed = False
+        self._replied = False
+        self._timer: IDelayedCall | None = None
+
+    @property
+    def finished(self) -> bool:
+        """
+        Whether the checkout was released or ended by a fatal error.
+        """
+        return self.released or self._fatal is not None
+
+    def call(self, method: str | None, args: tuple, kwargs: dict) -> Deferred:
+        """
+        Queue a call; see L{Checkout.call}.
+        """
+        if self._fatal is not None:
+            return fail(self._fatal)
+        if self.released:
+            return fail(
+                CheckoutReleased(
+                    f"{_label(method)} called on a released checkout; "
+                    f"take a new checkout"
+                )
+            )
+        try:
+            frame = _wire.call(method, args, kwargs)
+        except TypeError as error:
+            return fail(
+                TypeError(f"cannot send the arguments of {_label(method)}: {error}")
+            )
+
+        call = _Call(method, frame, Deferred(self._cancel))
+        self._queue.append(call)
+        self._restart_timer()
+        self._advance()
+        return call.result
+
+    def release(self) -> None:
+        """
+        Give the worker back once the queued calls are done.
+        """
+        self.released = True
+        if self._running is None and not self._queue:
+            self._finish()
+
+    def abort(self, error: FatalError | ProtocolError | ClientClosed) -> None:
+        """
+        End the checkout with a fatal error: fail the running and queued
+        calls, make every later call fail with it, drop the worker.
+        """
+        if self._fatal is not None:
+            return
+        self._fatal = error
+        self._cancel_timer()
+
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            self._pool.discard_worker(worker)
+        self._pool.withdraw(self)
+        self._requested = False
+
+        failed = ([self._running] if self._running else []) + list(self._queue)
+        self._running = None
+        self._queue.clear()
+        for call in failed:
+            call.result.errback(Failure(error))
+
+    def worker_assigned(self, connection: WorkerConnection) -> None:
+        """
+        The pool lends this checkout a worker.
+        """
+        self._requested = False
+        self._worker = connection
+        connection.listener = self
+        self._advance()
+
+    def reply_received(self, connection: WorkerConnection, message: list) -> None:
+        call, self._running = self._running, None
+        if call is None:
+            self.abort(ProtocolError(f"worker {connection.pid} replied to no call"))
+            return
+        self._replied = True
+        if message[0] == "ok":
+            self._cancel_timer()
+            call.result.callback(message[1])
+            self._advance()
+            return
+
+        _, kind, type_name, text, remote_traceback = message
+        error_class = SetupError if kind == "setup" else RemoteError
+        error = error_class(type_name, text, remote_traceback, call.method)
+        self._saw_error = True
+        self._setup_failed = self._setup_failed or kind == "setup"
+
+        # Calls queued now are skipped; calls the errback makes are not.
+        skipped = list(self._queue)
+        self._queue.clear()
+        self._cancel_timer()
+        call.result.errback(Failure(error))
+        for later in skipped:
+            later.result.errback(Failure(CallSkipped(error)))
+        self._advance()
+
+    def bye_received(self, connection: WorkerConnection) -> None:
+        self._worker = None
+        if self._replied:
+            self.abort(WorkerDied(f"worker {connection.pid} exited during a checkout"))
+            return
+
+        # It took nothing from this checkout: ask for another worker.
+        if self._running is not None:
+            self._queue.appendleft(self._running)
+            self._running = None
+        self._requested = True
+        self._pool.request_worker(self, first=True)
+
+    def connection_failed(
+        self, connection: WorkerConnection, reason: BaseException
+    ) -> None:
+        self._worker = None
+        if isinstance(reason, ProtocolError):
+            self.abort(reason)
+            return
+        doing = (
+            f"while running {self._running.label}"
+            if self._running is not None
+            else "while the checkout held it"
+        )
+        self.abort(
+            WorkerDied(
+                f"worker {connection.pid} died or its connection was lost {doing}"
+                f"{self._client_text()}: {reason}"
+            )
+        )
+
+    def _advance(self) -> None:
+        """
+        Send the next call, ask for a worker, or finish a release.
+        """
+        if self._running is not None or self._fatal is not None:
+            return
+        if not self._queue:
+            if self.released:
+                self._finish()
+            return
+        if self._worker is None:
+            if not self._requested:
+                self._requested = True
+                self._pool.request_worker(self)
+            return
+
+        self._running = self._queue.popleft()
+        self._restart_timer()
+        self._worker.send(self._running.frame)
+
+    def _finish(self) -> None:
+        self._cancel_timer()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.listener = None
+            retire = self._setup_failed or self._saw_error and self._retire_on_error
+            self._pool.return_worker(worker, retire)
+        self._requested = False
+        self._pool.withdraw(self)
+
+    @property
+    def _retire_on_error(self) -> bool:
+        return bool(getattr(self._pool, "refork_after_error", True))
+
+    def _cancel(self, result: Deferred) -> None:
+        """
+        A call's Deferred was cancelled: abort the checkout; the Deferred
+        itself fails with C{CancelledError}.
+        """
+        for call in [self._running, *self._queue]:
+            if call is not None and call.result is result:
+                break
+        else:
+            return
+        if call is self._running:
+            self._running = None
+        else:
+            self._queue.remove(call)
+        self.abort(CheckoutAborted(f"{call.label} was cancelled"))
+
+    def _restart_timer(self) -> None:
+        if self._timeout is None:
+            return
+        self._cancel_timer()
+        self._timer = self._pool.reactor.callLater(self._timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._running is not None:
+            waiting = f"for {self._running.label} to return"
+        else:
+            waiting = "for a worker"
+        self.abort(
+            CheckoutTimeout(
+                f"checkout{self._client_text()} timed out after "
+                f"{self._timeout:g} seconds waiting {waiting}; pass a larger "
+                f"timeout= to checkout() if this is expected",
+                self._timeout,
+            )
+        )
+
+    def _client_text(self) -> str:
+        name = self._pool.name
+        return "" if name is None else f" of client {name!r}"
+
+    def close(self) -> None:
+        """
+        The client closed: fail everything with L{ClientClosed}.
+        """
+        self.abort(ClientClosed(f"client{self._client_text()} was closed"))
+
+
+def _label(method: str | None) -> str:
+    return "__call__()" if method is None else f"{method}()"
+
+
+class Checkout:
+    """
+    One worker, lent exclusively to the caller until L{release}.
+
+    Calls are methods of the checkout (C{co.hash("secret")}), a direct call
+    (C{co(...)}) or L{call}. They never raise: each returns a Deferred, and
+    they run in order, one at a time, on the same worker.
+    """
+
+    log = Logger()
+
+    def __init__(self, core: _CheckoutCore) -> None:
+        self._core = core
+
+    @property
+    def checkout_id(self) -> int:
+        """
+        A number unique in this process, used in log events.
+        """
+        return self._core.checkout_id
+
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """
+        Call C{method} on the worker's interface.
+
+        @param method: The method name; names starting with C{_} reach the
+            worker, which refuses them with L{RemoteError}.
+        @return: A Deferred firing with the return value. It fails with
+            L{RemoteError} (the interface raised; the checkout goes on),
+            L{SetupError}, L{CallSkipped} (an earlier queued call failed),
+            L{WorkerDied}, L{CheckoutTimeout}, L{CheckoutAborted},
+            L{CheckoutReleased}, L{ClientClosed}, L{ProtocolError}, or
+            C{TypeError} when an argument cannot be sent.
+        """
+        if not isinstance(method, str):
+            return fail(TypeError(f"method name must be a str, not {method!r}"))
+        return self._core.call(method, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """
+        Call the interface itself; fails as L{call} does.
+        """
+        return self._core.call(None, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self._core.call(name, args, kwargs)
+
+    def release(self) -> None:
+        """
+        Return the worker to the pool after the queued calls finish. Later
+        calls fail with L{CheckoutReleased}. Releasing twice does nothing.
+        """
+        self._core.release()
+
+    def abort(self, reason: str = "aborted by the caller") -> None:
+        """
+        End the checkout: the running and queued calls, and every later one,
+        fail with L{CheckoutAborted}, and the worker is dropped.
+        """
+        self._core.abort(CheckoutAborted(reason))
+
+    def __enter__(self) -> Checkout:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Checkout:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        core = self.__dict__.get("_core")
+        if core is None or core.finished:
+            return
+        self.log.warn(
+            "checkout {checkout_id} was garbage-collected without release(); "
+            "release it, or use it in a with block",
+            checkout_id=core.checkout_id,
+        )
+        core.release()

@@ -1,0 +1,398 @@
+"""
+TaskServer: a launcher that starts one worker process per connection.
+
+How this works. The server listens on a Twisted endpoint. For each accepted
+connection it spawns C{python -m txtask.worker} and hands it the connection
+itself as file descriptor 3, so calls go straight from the client to the
+worker and never through this process. The server keeps its copy of the
+connection open but unread until the worker exits, then closes it: that
+close is what tells the client a worker died, even if something the worker
+started still holds the descriptor.
+
+The worker's standard input is a control pipe: closing it asks the worker to
+exit once its current checkout ends. Its standard output and error are read
+line by line into this process's log.
+
+With C{max_workers} workers alive, further connections wait, unread, until
+one exits. A graceful stop closes the listening port (removing a unix
+socket), drops connections that never got a worker, closes every control
+pipe, and after C{shutdown_grace} seconds kills what is left.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable
+from types import FunctionType, ModuleType
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txtask import _wire
+
+
+def import_path(target: str | Callable[..., Any] | ModuleType, role: str) -> str:
+    """
+    The import path of an interface or hook given as a string or an object.
+
+    @raise TypeError: C{target} is neither a string nor an importable
+        module, module-level function or class.
+    """
+    if isinstance(target, str):
+        if not target or target.startswith(":"):
+            raise ValueError(f"{role} must be an import path, not {target!r}")
+        return target
+    if isinstance(target, ModuleType):
+        return target.__name__
+    if isinstance(target, (FunctionType, type)) and "<" not in target.__qualname__:
+        return f"{target.__module__}:{target.__qualname__}"
+    raise TypeError(
+        f"{role} must be an import path such as 'package.module:function' or a "
+        f"module-level function, not {target!r}"
+    )
+
+
+class _WorkerProcess(ProcessProtocol):
+    """
+    One worker process, from spawn to exit.
+    """
+
+    def __init__(self, server: TaskServer, connection: _Connection, number: int):
+        self.server = server
+        self.connection = connection
+        self.number = number
+        self.pid: int | None = None
+        self.exited: Deferred[None] = Deferred()
+        self._partial = {1: b"", 2: b""}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        self.server.log.info(
+            "worker {worker_id} started with pid {pid}",
+            worker_id=self.number,
+            pid=self.pid,
+        )
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        *lines, self._partial[fd] = (self._partial[fd] + data).split(b"\n")
+        for line in lines:
+            self._log_line(fd, line)
+
+    def childConnectionLost(self, fd: int) -> None:
+        if self._partial.get(fd):
+            self._log_line(fd, self._partial[fd])
+            self._partial[fd] = b""
+
+    def _log_line(self, fd: int, line: bytes) -> None:
+        self.server.log.info(
+            "worker {worker_id} (pid {pid}) {stream}: {line}",
+            worker_id=self.number,
+            pid=self.pid,
+            stream="stdout" if fd == 1 else "stderr",
+            line=line.decode("utf-8", "replace").rstrip("\r"),
+        )
+
+    def stop(self) -> None:
+        """
+        Ask the worker to exit once its current checkout is done.
+        """
+        self.transport.closeStdin()
+
+    def kill(self) -> None:
+        """
+        Kill the worker and every process in its session.
+        """
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            # The worker has not reached setsid() yet, or is already gone.
+            try:
+                self.transport.signalProcess("KILL")
+            except Exception:
+                pass
+
+    def processEnded(self, reason: Failure) -> None:
+        status = reason.value
+        self.server.log.info(
+            "worker {worker_id} (pid {pid}) exited with status {status}"
+            " and signal {signal}",
+            worker_id=self.number,
+            pid=self.pid,
+            status=getattr(status, "exitCode", None),
+            signal=getattr(status, "signal", None),
+        )
+        self.connection.transport.loseConnection()
+        self.server._worker_exited(self)
+        self.exited.callback(None)
+
+
+class _Connection(Protocol):
+    """
+    An accepted connection, waiting for or owned by a worker process.
+    """
+
+    def __init__(self, server: TaskServer) -> None:
+        self.server = server
+        self.worker: _WorkerProcess | None = None
+
+    def connectionMade(self) -> None:
+        self.server._accepted(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        # A client sends nothing before the worker's hello.
+        self.server.log.warn(
+            "a client sent {size} bytes before it had a worker; closing it",
+            size=len(data),
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self.worker is None:
+            self.server._abandoned(self)
+
+
+class TaskServer(Service):
+    """
+    A service that listens for clients and gives each connection its own
+    worker process running the interface.
+
+    @ivar listening: Fires with the listening port once the server listens.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        interface: str | Callable[..., Any] | ModuleType,
+        listen: str = "unix:txtask.sock",
+        setup: str | Callable[[], Any] | None = None,
+        checkout_done: str | Callable[[], Any] | None = None,
+        name: str | None = None,
+        hung_worker_timeout: float | None = 300,
+        max_workers: int = 64,
+        shutdown_grace: float = 30,
+        log_level: str = "INFO",
+        max_frame_size: int = _wire.DEFAULT_MAX_FRAME_SIZE,
+        reactor: Any = None,
+    ) -> None:
+        """
+        @param interface: Import path (C{package.module} or
+            C{package.module:attribute}) or object of the interface.
+        @param listen: A Twisted server endpoint description. A unix socket
+            is made readable and writable by its owner only unless the
+            description sets C{mode=}.
+        @param setup: Import path or function run once in each worker before
+            its first call.
+        @param checkout_done: Import path or function run in the worker each
+            time a checkout of it is released.
+        @param name: Name shown in process titles.
+        @param hung_worker_timeout: Seconds a worker may spend on one call
+            before it is killed; C{None}: never.
+        @param max_workers: Most worker processes alive at once.
+        @param shutdown_grace: Seconds a graceful stop waits for busy workers
+            before killing them.
+        @param log_level: Lowest level of worker log records captured.
+        @param max_frame_size: Largest frame a worker accepts, in bytes.
+        @param reactor: The reactor; the global one by default.
+        """
+        if not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(
+                f"max_workers must be an integer >= 1, not {max_workers!r}"
+            )
+        if hung_worker_timeout is not None and hung_worker_timeout <= 0:
+            raise ValueError(
+                f"hung_worker_timeout must be positive or None, "
+                f"not {hung_worker_timeout!r}"
+            )
+        if shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace must be >= 0, not {shutdown_grace!r}")
+        self.interface = import_path(interface, "interface")
+        self.setup = None if setup is None else import_path(setup, "setup")
+        self.checkout_done = (
+            None
+            if checkout_done is None
+            else import_path(checkout_done, "checkout_done")
+        )
+        self.listen = listen
+        self.name = name
+        self.hung_worker_timeout = hung_worker_timeout
+        self.max_workers = max_workers
+        self.shutdown_grace = shutdown_grace
+        self.log_level = log_level
+        self.max_frame_size = max_frame_size
+        self._reactor = reactor
+        self.listening: Deferred[IListeningPort] = Deferred()
+        self._port: IListeningPort | None = None
+        self._workers: set[_WorkerProcess] = set()
+        self._backlog: deque[_Connection] = deque()
+        self._numbers = itertools.count(1)
+        self._stopping = False
+        self._grace: IDelayedCall | None = None
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    @property
+    def live_workers(self) -> int:
+        """
+        Worker processes alive now.
+        """
+        return len(self._workers)
+
+    def startService(self) -> None:
+        """
+        Start listening.
+
+        @raise twisted.internet.error.CannotListenError: The endpoint cannot
+            listen (address in use, no permission).
+        """
+        super().startService()
+        self._stopping = False
+        description = self.listen
+        is_unix = description.startswith("unix:")
+        if is_unix and ":mode=" not in description:
+            description += ":mode=600"
+
+        # Bind under a strict umask so the socket is never, even briefly,
+        # open to other users; the reactor is not running other code here.
+        old_umask = os.umask(0o177) if is_unix else None
+        try:
+            listened = serverFromString(self.reactor, description).listen(
+                Factory.forProtocol(lambda: _Connection(self))
+            )
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
+
+        outcome: list[Any] = []
+        listened.addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            self.log.error(
+                "cannot listen on {endpoint}: {error}",
+                endpoint=self.listen,
+                error=outcome[0].getErrorMessage(),
+            )
+            super().stopService()
+            outcome[0].raiseException()
+        listened.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self._port = port
+        self.log.info(
+            "txtask server listening on {endpoint} for {interface}",
+            endpoint=self.listen,
+            interface=self.interface,
+        )
+        self.listening.callback(port)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop gracefully: stop listening now, let each worker finish its
+        checkout, kill what is left after C{shutdown_grace} seconds.
+
+        @return: A Deferred firing with C{None} once every worker exited.
+        """
+        super().stopService()
+        self._stopping = True
+        self.log.info(
+            "graceful stop: {count} workers finishing their checkouts",
+            count=len(self._workers),
+        )
+        stopped_listening = (
+            succeed(None) if self._port is None else self._port.stopListening()
+        )
+        self._port = None
+        while self._backlog:
+            self._backlog.popleft().transport.abortConnection()
+
+        exits = [worker.exited for worker in self._workers]
+        for worker in self._workers:
+            worker.stop()
+        if self._workers:
+            self._grace = self.reactor.callLater(self.shutdown_grace, self._kill_all)
+
+        done: Deferred[None] = stopped_listening
+        for exited in exits:
+            done.addCallback(lambda _, exited=exited: exited)
+        done.addCallback(self._stopped)
+        return done
+
+    def _stopped(self, _: object) -> None:
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+        self.log.info("graceful stop done")
+
+    def _kill_all(self) -> None:
+        self._grace = None
+        self.log.warn(
+            "shutdown grace of {grace} seconds over; killing {count} workers",
+            grace=self.shutdown_grace,
+            count=len(self._workers),
+        )
+        for worker in self._workers:
+            worker.kill()
+
+    def _accepted(self, connection: _Connection) -> None:
+        if self._stopping:
+            connection.transport.abortConnection()
+        elif len(self._workers) < self.max_workers:
+            self._spawn(connection)
+        else:
+            self._backlog.append(connection)
+
+    def _abandoned(self, connection: _Connection) -> None:
+        if connection in self._backlog:
+            self._backlog.remove(connection)
+
+    def _worker_exited(self, worker: _WorkerProcess) -> None:
+        self._workers.discard(worker)
+        while self._backlog and len(self._workers) < self.max_workers:
+            self._spawn(self._backlog.popleft())
+
+    def _spawn(self, connection: _Connection) -> None:
+        number = next(self._numbers)
+        worker = _WorkerProcess(self, connection, number)
+        connection.worker = worker
+
+        # The worker owns the connection from now on; this process never
+        # reads it again.
+        connection.transport.stopReading()
+        config = {
+            "interface": self.interface,
+            "setup": self.setup,
+            "checkout_done": self.checkout_done,
+            "name": self.name,
+            "number": number,
+            "log_level": self.log_level,
+            "max_frame_size": self.max_frame_size,
+        }
+        try:
+            self.reactor.spawnProcess(
+                worker,
+                sys.executable,
+                [sys.executable, "-m", "txtask.worker", json.dumps(config)],
+                env=dict(os.environ),
+                childFDs={0: "w", 1: "r", 2: "r", 3: connection.transport.fileno()},
+            )
+        except OSError as error:
+            self.log.error("cannot start a worker process: {error}", error=str(error))
+            connection.transport.abortConnection()
+            return
+        self._workers.add(worker)

@@ -1,0 +1,221 @@
+"""
+Frames and messages: the bytes that cross a worker connection.
+
+A frame is a 4-byte big-endian length followed by that many bytes of
+msgpack holding one message, a list whose first item is a verb. The worker
+and the client both use this module, so it is plain Python: no Twisted, no
+transport, no reactor. C{docs/protocol.md} describes every message.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable
+
+import msgpack
+
+from txtask.errors import ProtocolError
+
+#: Version sent in the worker's hello; a client refuses any other.
+PROTOCOL_VERSION = 1
+
+#: Largest frame body accepted by default, in bytes (64 MiB).
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+
+#: A decoded msgpack value: what crosses the wire.
+Value = Any
+#: A decoded message: a list led by its verb.
+Message = list
+
+_HEADER = struct.Struct(">I")
+_BIG_INT = 1
+
+
+def _pack_default(value: object) -> object:
+    # msgpack's own integers stop at 64 bits; larger ones travel as the
+    # two's-complement bytes of an extension type.
+    if isinstance(value, int):
+        size = (value.bit_length() + 8) // 8
+        return msgpack.ExtType(_BIG_INT, value.to_bytes(size, "big", signed=True))
+    raise TypeError(f"cannot encode a value of type {type(value).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> object:
+    if code == _BIG_INT:
+        return int.from_bytes(data, "big", signed=True)
+    raise ProtocolError(f"unknown msgpack extension type {code}")
+
+
+def _packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True, datetime=True, default=_pack_default)
+
+
+_pack = _packer().pack
+
+
+def encode(message: Message) -> bytes:
+    """
+    Encode one message as a frame.
+
+    @raise TypeError: A value in the message cannot cross the wire (an
+        unknown type, a naive datetime); the message names it.
+    """
+    try:
+        body = _pack(message)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise TypeError(str(error)) from error
+    return _HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes | memoryview) -> Value:
+    """
+    Decode one frame body.
+
+    @raise ProtocolError: The body is not exactly one msgpack value.
+    """
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            timestamp=3,
+            strict_map_key=False,
+            ext_hook=_ext_hook,
+        )
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as error:
+        raise ProtocolError(f"undecodable frame: {error}") from error
+
+
+class FrameDecoder:
+    """
+    Turn a stream of bytes, cut anywhere, into messages.
+
+    @ivar max_frame_size: Largest frame body accepted, in bytes.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Value]:
+        """
+        Add bytes and return every message they complete, in order.
+
+        @raise ProtocolError: A frame announces more than C{max_frame_size}
+            bytes, or its body does not decode. The stream cannot be trusted
+            after this; close the connection.
+        """
+        # The common case, whole frames in one chunk, decodes straight from
+        # the chunk; only a partial frame is copied into the buffer.
+        if self._buffer:
+            self._buffer += data
+            data = self._buffer
+        messages = []
+        offset = 0
+        end_of_data = len(data)
+        with memoryview(data) as view:
+            while end_of_data - offset >= 4:
+                (size,) = _HEADER.unpack_from(view, offset)
+                if size > self.max_frame_size:
+                    raise ProtocolError(
+                        f"frame of {size} bytes exceeds the limit of "
+                        f"{self.max_frame_size} bytes"
+                    )
+                end = offset + 4 + size
+                if end > end_of_data:
+                    break
+                messages.append(decode_body(view[offset + 4 : end]))
+                offset = end
+        if data is self._buffer:
+            del self._buffer[:offset]
+        elif offset < end_of_data:
+            self._buffer += data[offset:]
+        return messages
+
+    @property
+    def pending(self) -> int:
+        """
+        Bytes held of a frame not yet complete.
+        """
+        return len(self._buffer)
+
+
+def _shape(verb: str, *types: type | tuple[type, ...]) -> Callable[[list], list]:
+    def check(message: list) -> list:
+        if len(message) != len(types) + 1:
+            raise ProtocolError(
+                f"{verb!r} message has {len(message) - 1} fields, expected {len(types)}"
+            )
+        for position, (field, kind) in enumerate(zip(message[1:], types), 1):
+            if not isinstance(field, kind):
+                raise ProtocolError(
+                    f"field {position} of {verb!r} message is "
+                    f"{type(field).__name__}, not the expected type"
+                )
+        return message
+
+    return check
+
+
+_NAME = (str, type(None))
+
+#: Messages a worker sends, by verb.
+WORKER_MESSAGES = {
+    "hello": _shape("hello", int, int),
+    "ok": _shape("ok", object),
+    "error": _shape("error", str, str, str, str),
+    "bye": _shape("bye"),
+}
+
+#: Messages a client sends, by verb.
+CLIENT_MESSAGES = {
+    "call": _shape("call", _NAME, list, dict),
+    "done": _shape("done"),
+}
+
+
+def check_message(message: Value, shapes: dict[str, Callable[[list], list]]) -> list:
+    """
+    Check that a decoded value is a message of a known verb and shape.
+
+    @param shapes: L{WORKER_MESSAGES} or L{CLIENT_MESSAGES}.
+    @return: The message, unchanged.
+    @raise ProtocolError: It is not.
+    """
+    if not isinstance(message, list) or not message:
+        raise ProtocolError(f"expected a message list, got {type(message).__name__}")
+    verb = message[0]
+    check = shapes.get(verb) if isinstance(verb, str) else None
+    if check is None:
+        raise ProtocolError(f"unknown message verb {verb!r}")
+    return check(message)
+
+
+def hello(pid: int) -> bytes:
+    return encode(["hello", PROTOCOL_VERSION, pid])
+
+
+def call(method: str | None, args: list | tuple, kwargs: dict) -> bytes:
+    """
+    Encode a call, before anything is sent.
+
+    @raise TypeError: An argument cannot cross the wire.
+    """
+    return encode(["call", method, list(args), kwargs])
+
+
+DONE = encode(["done"])
+BYE = encode(["bye"])
+
+
+def ok(value: Value) -> bytes:
+    return encode(["ok", value])
+
+
+def error(kind: str, type_name: str, message: str, traceback: str) -> bytes:
+    """
+    @param kind: C{"remote"} for an exception in the interface, C{"setup"}
+        for one in the setup function.
+    """
+    return encode(["error", kind, type_name, message, traceback])

@@ -1,0 +1,105 @@
+"""
+The twistd plugin's options and service: C{twistd -n txtask --interface ...}.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from txtask._server import TaskServer
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(f"expected a positive number, got {value!r}")
+    return number
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{twistd txtask}.
+    """
+
+    synopsis = "--interface IMPORT_PATH [options]"
+    longdesc = (
+        "Start a txtask server: each client connection gets its own worker "
+        "process running the interface."
+    )
+    optParameters = [
+        [
+            "interface",
+            "i",
+            None,
+            "Import path of the interface: package.module "
+            "or package.module:attribute (required).",
+        ],
+        [
+            "listen",
+            "l",
+            "unix:txtask.sock",
+            "Server endpoint description to "
+            "listen on, such as unix:/run/app.sock or tcp:7000:interface=127.0.0.1.",
+        ],
+        [
+            "setup",
+            None,
+            None,
+            "Import path of a function each worker runs once before its first call.",
+        ],
+        [
+            "checkout-done",
+            None,
+            None,
+            "Import path of a function a worker runs "
+            "each time a checkout of it is released.",
+        ],
+        ["name", None, None, "Name shown in process titles."],
+        [
+            "hung-worker-timeout",
+            None,
+            300.0,
+            "Seconds one call may run before its worker is killed.",
+            _positive,
+        ],
+        ["max-workers", None, 64, "Most worker processes alive at once.", int],
+        [
+            "shutdown-grace",
+            None,
+            30.0,
+            "Seconds a graceful stop waits for busy workers before killing them.",
+            float,
+        ],
+        [
+            "log-level",
+            None,
+            "INFO",
+            "Lowest level of worker log records captured: DEBUG, INFO, WARNING, ERROR.",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["interface"]:
+            raise usage.UsageError("--interface is required")
+        if self["max-workers"] < 1:
+            raise usage.UsageError("--max-workers must be at least 1")
+        if self["shutdown-grace"] < 0:
+            raise usage.UsageError("--shutdown-grace must not be negative")
+
+
+def makeService(options: Options) -> IService:
+    """
+    Build the L{TaskServer} the options describe.
+    """
+    return TaskServer(
+        options["interface"],
+        listen=options["listen"],
+        setup=options["setup"],
+        checkout_done=options["checkout-done"],
+        name=options["name"],
+        hung_worker_timeout=options["hung-worker-timeout"],
+        max_workers=options["max-workers"],
+        shutdown_grace=options["shutdown-grace"],
+        log_level=options["log-level"].upper(),
+    )
