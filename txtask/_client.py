@@ -289,13 +289,10 @@ class Client:
         core.worker_assigned(connection)
 
     def _worker_ready(self, connection: WorkerConnection) -> None:
-        # The core may have been released or closed between waiting and now.
-        while self._waiting:
-            core = self._waiting.popleft()
-            if not core.finished:
-                self._lend(connection, core)
-                return
-            self._holders.discard(core)
+        # Checkouts that stop waiting withdraw, so every one queued wants it.
+        if self._waiting:
+            self._lend(connection, self._waiting.popleft())
+            return
         connection.listener = _IdleListener(self)
         self._idle.append(connection)
 

@@ -280,17 +280,11 @@ class TaskServer(Service):
             if old_umask is not None:
                 os.umask(old_umask)
 
-        outcome: list[Any] = []
-        listened.addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            self.log.error(
-                "cannot listen on {endpoint}: {error}",
-                endpoint=self.listen,
-                error=outcome[0].getErrorMessage(),
-            )
+        self._listen_failure: Failure | None = None
+        listened.addCallbacks(self._listening, self._cannot_listen)
+        if self._listen_failure is not None:
             super().stopService()
-            outcome[0].raiseException()
-        listened.addCallback(self._listening)
+            self._listen_failure.raiseException()
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
@@ -300,6 +294,15 @@ class TaskServer(Service):
             interface=self.interface,
         )
         self.listening.callback(port)
+
+    def _cannot_listen(self, failure: Failure) -> None:
+        self.log.error(
+            "cannot listen on {endpoint}: {error}",
+            endpoint=self.listen,
+            error=failure.getErrorMessage(),
+        )
+        self._listen_failure = failure
+        self.listening.errback(failure)
 
     def stopService(self) -> Deferred[None]:
         """
