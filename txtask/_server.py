@@ -34,6 +34,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
@@ -119,7 +120,7 @@ class _WorkerProcess(ProcessProtocol):
             # The worker has not reached setsid() yet, or is already gone.
             try:
                 self.transport.signalProcess("KILL")
-            except Exception:
+            except ProcessExitedAlready:
                 pass
 
     def processEnded(self, reason: Failure) -> None:

@@ -10,7 +10,8 @@ transport, no reactor. C{docs/protocol.md} describes every message.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 
@@ -147,7 +148,7 @@ def _shape(verb: str, *types: type | tuple[type, ...]) -> Callable[[list], list]
             raise ProtocolError(
                 f"{verb!r} message has {len(message) - 1} fields, expected {len(types)}"
             )
-        for position, (field, kind) in enumerate(zip(message[1:], types), 1):
+        for position, (field, kind) in enumerate(zip(message[1:], types, strict=True), 1):
             if not isinstance(field, kind):
                 raise ProtocolError(
                     f"field {position} of {verb!r} message is "
