@@ -148,7 +148,9 @@ def _shape(verb: str, *types: type | tuple[type, ...]) -> Callable[[list], list]
             raise ProtocolError(
                 f"{verb!r} message has {len(message) - 1} fields, expected {len(types)}"
             )
-        for position, (field, kind) in enumerate(zip(message[1:], types, strict=True), 1):
+        for position, (field, kind) in enumerate(
+            zip(message[1:], types, strict=True), 1
+        ):
             if not isinstance(field, kind):
                 raise ProtocolError(
                     f"field {position} of {verb!r} message is "
