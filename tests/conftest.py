@@ -1,0 +1,138 @@
+"""
+Shared fixtures: real servers (in this process or under twistd) with real
+worker processes, listening on unix sockets in the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+import txtask
+from txtask import Client, TaskServer
+
+INTERFACES = Path(__file__).parent / "e2e" / "interfaces"
+#: Where the imported txtask lives; with an editable install it also holds
+#: twisted/plugins, which twistd finds through PYTHONPATH.
+SOURCE_ROOT = Path(txtask.__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def worker_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Let workers import the test interfaces.
+    """
+    paths = [str(INTERFACES), str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+
+
+@pytest.fixture
+def socket_path(tmp_path: Path) -> Path:
+    return tmp_path / "txtask.sock"
+
+
+@pytest.fixture
+def start_server(socket_path: Path) -> Any:
+    """
+    Start a L{TaskServer} in this process; stopped at the end of the test.
+    """
+    servers: list[TaskServer] = []
+
+    async def start(interface: str = "sample", **kwargs: Any) -> TaskServer:
+        kwargs.setdefault("listen", f"unix:{socket_path}")
+        server = TaskServer(interface, **kwargs)
+        servers.append(server)
+        server.startService()
+        await server.listening
+        return server
+
+    yield start
+    for server in servers:
+        if server.running:
+            pytest_twisted.blockon(server.stopService())
+
+
+@pytest.fixture
+def make_client(socket_path: Path) -> Any:
+    """
+    Make L{Client}s; each is closed at the end of the test.
+    """
+    clients: list[Client] = []
+
+    def make(connect: Any = None, **kwargs: Any) -> Client:
+        client = Client(connect or f"unix:{socket_path}", **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        pytest_twisted.blockon(client.close())
+
+
+class _Twistd(ProcessProtocol):
+    """
+    A twistd process; fires C{listening} when the server logs that it
+    listens, C{ended} when it exits.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[None] = Deferred()
+        self.ended: Deferred[Any] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"txtask server listening" in self.output and not self.listening.called:
+            self.listening.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.listening.called:
+            self.listening.errback(
+                RuntimeError(f"twistd exited:\n{self.output.decode()}")
+            )
+        self.ended.callback(reason.value)
+
+
+@pytest.fixture
+def twistd(socket_path: Path, tmp_path: Path) -> Any:
+    """
+    Run C{twistd -n txtask ...} in a subprocess; killed at the end.
+    """
+    processes: list[Any] = []
+
+    async def run(*arguments: str) -> _Twistd:
+        protocol = _Twistd()
+        command = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "txtask",
+            *arguments,
+        ]
+        if not any(a.startswith("--listen") for a in arguments):
+            command += ["--listen", f"unix:{socket_path}"]
+        reactor.spawnProcess(
+            protocol, sys.executable, command, env=dict(os.environ), path=str(tmp_path)
+        )
+        processes.append(protocol)
+        await protocol.listening
+        return protocol
+
+    yield run
+    for protocol in processes:
+        if not protocol.ended.called:
+            protocol.transport.signalProcess("TERM")
+            pytest_twisted.blockon(protocol.ended)
