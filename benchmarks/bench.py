@@ -254,13 +254,15 @@ class ServerProcess(ProcessProtocol):
             self._wake_exit_waiters()
 
     def _wake_exit_waiters(self) -> None:
-        waiting = []
-        for count, reached in self._exit_waiters:
-            if self._exits >= count:
-                reached.callback(None)
-            else:
-                waiting.append((count, reached))
-        self._exit_waiters = waiting
+        # A waiter's callbacks may add waiters: settle the list first.
+        due = [reached for count, reached in self._exit_waiters if self._exits >= count]
+        self._exit_waiters = [
+            (count, reached)
+            for count, reached in self._exit_waiters
+            if self._exits < count
+        ]
+        for reached in due:
+            reached.callback(None)
 
     def processEnded(self, reason: Failure) -> None:
         if not self.listening.called:
