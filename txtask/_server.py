@@ -41,6 +41,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txtask import _wire
+from txtask._watch import StatusPage, WorkerWatch
+from txtask.worker import CONNECTION_FD, STATUS_FD
 
 
 def import_path(target: str | Callable[..., Any] | ModuleType, role: str) -> str:
@@ -72,6 +74,8 @@ class _WorkerProcess(ProcessProtocol):
     def __init__(self, server: TaskServer, connection: _Connection, number: int):
         self.server = server
         self.connection = connection
+        self.connection_fd = connection.transport.fileno()
+        self.page = StatusPage()
         self.number = number
         self.pid: int | None = None
         self.exited: Deferred[None] = Deferred()
@@ -123,6 +127,26 @@ class _WorkerProcess(ProcessProtocol):
             except ProcessExitedAlready:
                 pass
 
+    def kill_hung(self, elapsed: float) -> None:
+        self.server.log.warn(
+            "worker {worker_id} (pid {pid}) spent {elapsed:.1f} seconds on one "
+            "call, over the hung worker timeout; killing it. Raise "
+            "--hung-worker-timeout if such calls are expected",
+            worker_id=self.number,
+            pid=self.pid,
+            elapsed=elapsed,
+        )
+        self.kill()
+
+    def kill_abandoned(self) -> None:
+        self.server.log.info(
+            "the client of worker {worker_id} (pid {pid}) left during a call; "
+            "killing the worker",
+            worker_id=self.number,
+            pid=self.pid,
+        )
+        self.kill()
+
     def processEnded(self, reason: Failure) -> None:
         status = reason.value
         self.server.log.info(
@@ -133,8 +157,9 @@ class _WorkerProcess(ProcessProtocol):
             status=getattr(status, "exitCode", None),
             signal=getattr(status, "signal", None),
         )
-        self.connection.transport.loseConnection()
         self.server._worker_exited(self)
+        self.page.close()
+        self.connection.transport.loseConnection()
         self.exited.callback(None)
 
 
@@ -265,6 +290,7 @@ class TaskServer(Service):
         """
         super().startService()
         self._stopping = False
+        self._watch = WorkerWatch(self.reactor, self.hung_worker_timeout)
         description = self.listen
         is_unix = description.startswith("unix:")
         if is_unix and ":mode=" not in description:
@@ -314,14 +340,8 @@ class TaskServer(Service):
         """
         super().stopService()
         self._stopping = True
-        self.log.info(
-            "graceful stop: {count} workers finishing their checkouts",
-            count=len(self._workers),
-        )
-        stopped_listening = (
-            succeed(None) if self._port is None else self._port.stopListening()
-        )
-        self._port = None
+        port, self._port = self._port, None
+        stopped_listening = succeed(None) if port is None else port.stopListening()
         while self._backlog:
             self._backlog.popleft().transport.abortConnection()
 
@@ -331,16 +351,25 @@ class TaskServer(Service):
         if self._workers:
             self._grace = self.reactor.callLater(self.shutdown_grace, self._kill_all)
 
-        done: Deferred[None] = stopped_listening
+        stopped_listening.addCallback(self._stopped_listening, len(exits))
         for exited in exits:
-            done.addCallback(lambda _, exited=exited: exited)
-        done.addCallback(self._stopped)
-        return done
+            stopped_listening.addCallback(lambda _, exited=exited: exited)
+        stopped_listening.addCallback(self._stopped)
+        return stopped_listening
+
+    def _stopped_listening(self, _: object, workers: int) -> None:
+        self.log.info(
+            "graceful stop: no longer listening on {endpoint}; {count} workers "
+            "finishing their checkouts",
+            endpoint=self.listen,
+            count=workers,
+        )
 
     def _stopped(self, _: object) -> None:
         if self._grace is not None and self._grace.active():
             self._grace.cancel()
         self._grace = None
+        self._watch.close()
         self.log.info("graceful stop done")
 
     def _kill_all(self) -> None:
@@ -367,6 +396,7 @@ class TaskServer(Service):
 
     def _worker_exited(self, worker: _WorkerProcess) -> None:
         self._workers.discard(worker)
+        self._watch.remove(worker)
         while self._backlog and len(self._workers) < self.max_workers:
             self._spawn(self._backlog.popleft())
 
@@ -393,10 +423,19 @@ class TaskServer(Service):
                 sys.executable,
                 [sys.executable, "-m", "txtask.worker", json.dumps(config)],
                 env=dict(os.environ),
-                childFDs={0: "w", 1: "r", 2: "r", 3: connection.transport.fileno()},
+                childFDs={
+                    0: "w",
+                    1: "r",
+                    2: "r",
+                    CONNECTION_FD: worker.connection_fd,
+                    STATUS_FD: worker.page.fd,
+                },
             )
         except OSError as error:
             self.log.error("cannot start a worker process: {error}", error=str(error))
+            worker.page.close()
             connection.transport.abortConnection()
             return
+        worker.page.close_fd()
         self._workers.add(worker)
+        self._watch.add(worker)

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import select
 import socket
+import struct
 import sys
 import traceback
 from collections import deque
@@ -36,6 +38,10 @@ from txtask.errors import ProtocolError
 
 #: The client connection's file descriptor in a worker process.
 CONNECTION_FD = 3
+#: The status page shared with the server, when there is one.
+STATUS_FD = 4
+#: The status page's call counter: odd while a call runs.
+STATUS_COUNTER = struct.Struct("=Q")
 
 _RECEIVE_SIZE = 256 * 1024
 
@@ -57,8 +63,14 @@ class Worker:
         setup: str | None = None,
         checkout_done: str | None = None,
         max_frame_size: int = _wire.DEFAULT_MAX_FRAME_SIZE,
+        status: mmap.mmap | None = None,
     ) -> None:
+        """
+        @param status: The status page the server watches for hung calls.
+        """
         self._connection = connection
+        self._status = status
+        self._status_count = 0
         self._control_fd = control_fd
         self._interface_path = interface
         self._setup_path = setup
@@ -87,7 +99,10 @@ class Worker:
                     return
                 if message[0] == "call":
                     in_checkout = True
-                    self._connection.sendall(self._call(*message[1:]))
+                    self._mark_status()
+                    reply = self._call(*message[1:])
+                    self._mark_status()
+                    self._connection.sendall(reply)
                 else:
                     in_checkout = False
                     if not self._run_checkout_done():
@@ -97,6 +112,13 @@ class Worker:
             log.error("closing the connection: %s: %s", type(error).__name__, error)
         except (ConnectionError, BrokenPipeError):
             return
+
+    def _mark_status(self) -> None:
+        # Odd while a call runs: the server kills a worker whose counter
+        # stays odd for longer than its hung worker timeout.
+        if self._status is not None:
+            self._status_count += 1
+            STATUS_COUNTER.pack_into(self._status, 0, self._status_count)
 
     def _stop_requested(self) -> bool:
         # Block until the client sends something or the control pipe closes;
@@ -220,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     # Twisted made non-blocking; this loop wants to block.
     connection = socket.socket(fileno=CONNECTION_FD)
     connection.setblocking(True)
+    try:
+        status = mmap.mmap(STATUS_FD, STATUS_COUNTER.size)
+    except OSError:
+        status = None
     worker = Worker(
         connection,
         control_fd=sys.stdin.fileno(),
@@ -227,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         setup=config.get("setup"),
         checkout_done=config.get("checkout_done"),
         max_frame_size=config.get("max_frame_size", _wire.DEFAULT_MAX_FRAME_SIZE),
+        status=status,
     )
     worker.run()
 

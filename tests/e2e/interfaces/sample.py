@@ -57,3 +57,37 @@ def write_stderr(text):
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
     return True
+
+
+def sleep(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def spin_in_c():
+    """A catastrophic regex: C code that holds the GIL and never returns."""
+    import re
+
+    return bool(re.match(r"(a+)+$", "a" * 64 + "b"))
+
+
+def spawn_and_hang():
+    """Start a process that holds the connection, then hang in C."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "600"], pass_fds=(3,))
+    with open(os.environ["TXTASK_TEST_CHILD_PID"], "w") as pid_file:
+        pid_file.write(str(child.pid))
+    return spin_in_c()
+
+
+def exit_now(status):
+    os._exit(status)
+
+
+def segfault():
+    import ctypes
+
+    return ctypes.string_at(0)
