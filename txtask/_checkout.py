@@ -169,9 +169,7 @@ class _CheckoutCore:
         self._fatal = error
         self._cancel_timer()
 
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            self._pool.discard_worker(worker)
+        self._drop_worker()
         self._pool.withdraw(self)
         self._requested = False
 
@@ -218,12 +216,12 @@ class _CheckoutCore:
         self._advance()
 
     def bye_received(self, connection: WorkerConnection) -> None:
-        self._worker = None
         if self._replied:
             self.abort(WorkerDied(f"worker {connection.pid} exited during a checkout"))
             return
 
         # It took nothing from this checkout: ask for another worker.
+        self._drop_worker()
         if self._running is not None:
             self._queue.appendleft(self._running)
             self._running = None
@@ -233,7 +231,6 @@ class _CheckoutCore:
     def connection_failed(
         self, connection: WorkerConnection, reason: BaseException
     ) -> None:
-        self._worker = None
         if isinstance(reason, ProtocolError):
             self.abort(reason)
             return
@@ -248,6 +245,15 @@ class _CheckoutCore:
                 f"{self._client_text()}: {reason}"
             )
         )
+
+    def _drop_worker(self) -> None:
+        """
+        Give the worker back to the pool as one that must never be reused.
+        """
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.listener = None
+            self._pool.discard_worker(worker)
 
     def _advance(self) -> None:
         """
@@ -378,7 +384,7 @@ class Checkout:
             return fail(TypeError(f"method name must be a str, not {method!r}"))
         return self._core.call(method, args, kwargs)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Deferred[Any]:
         """
         Call the interface itself; fails as L{call} does.
         """

@@ -219,11 +219,11 @@ class Client:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
 
-        for core in list(self._holders):
-            core.close()
         attempts = list(self._connecting.values())
         connections = self._idle + list(self._busy) + list(self._connecting)
         lost = [c.disconnected for c in connections if c.transport is not None]
+        for core in list(self._holders):
+            core.close()
         self._idle.clear()
         for connection in connections:
             connection.close()
@@ -238,6 +238,9 @@ class Client:
     # What checkouts ask of the pool.
 
     def request_worker(self, core: _CheckoutCore, first: bool = False) -> None:
+        if self._closed is not None:
+            core.close()
+            return
         self._holders.add(core)
         if self._idle:
             self._lend(self._idle.pop(), core)

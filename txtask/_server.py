@@ -31,8 +31,9 @@ from collections.abc import Callable
 from types import FunctionType, ModuleType
 from typing import Any
 
+import setproctitle
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
@@ -290,6 +291,8 @@ class TaskServer(Service):
         """
         super().startService()
         self._stopping = False
+        if self.name is not None:
+            setproctitle.setproctitle(f"txtask-server: {self.name}")
         self._watch = WorkerWatch(self.reactor, self.hung_worker_timeout)
         description = self.listen
         is_unix = description.startswith("unix:")
@@ -341,7 +344,9 @@ class TaskServer(Service):
         super().stopService()
         self._stopping = True
         port, self._port = self._port, None
-        stopped_listening = succeed(None) if port is None else port.stopListening()
+        stopped_listening = (
+            succeed(None) if port is None else maybeDeferred(port.stopListening)
+        )
         while self._backlog:
             self._backlog.popleft().transport.abortConnection()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import msgpack
@@ -38,7 +39,24 @@ def _pack_default(value: object) -> object:
     if isinstance(value, int):
         size = (value.bit_length() + 8) // 8
         return msgpack.ExtType(_BIG_INT, value.to_bytes(size, "big", signed=True))
+    if isinstance(value, datetime):
+        return _timestamp(value)
     raise TypeError(f"cannot encode a value of type {type(value).__name__}")
+
+
+def _timestamp(value: datetime) -> msgpack.Timestamp:
+    """
+    The instant of an aware datetime, which the peer rebuilds in UTC.
+    """
+    if value.utcoffset() is None:
+        raise TypeError(f"cannot encode a naive datetime ({value}): give it a tzinfo")
+    try:
+        value.astimezone(timezone.utc)
+    except OverflowError:
+        raise TypeError(
+            f"cannot encode {value}: in UTC it falls outside the years 1-9999"
+        ) from None
+    return msgpack.Timestamp.from_datetime(value)
 
 
 def _ext_hook(code: int, data: bytes) -> object:
@@ -48,7 +66,7 @@ def _ext_hook(code: int, data: bytes) -> object:
 
 
 def _packer() -> msgpack.Packer:
-    return msgpack.Packer(use_bin_type=True, datetime=True, default=_pack_default)
+    return msgpack.Packer(use_bin_type=True, default=_pack_default)
 
 
 _pack = _packer().pack
@@ -75,17 +93,43 @@ def decode_body(body: bytes | memoryview) -> Value:
     @raise ProtocolError: The body is not exactly one msgpack value.
     """
     try:
-        return msgpack.unpackb(
-            body,
-            raw=False,
-            timestamp=3,
-            strict_map_key=False,
-            ext_hook=_ext_hook,
-        )
+        try:
+            return _unpack(body)
+        except TypeError:
+            # A dict key that was a tuple arrives as an unhashable list; only
+            # this rare case pays for rebuilding every dict in Python.
+            return _unpack(body, object_pairs_hook=_dict_with_tuple_keys)
     except ProtocolError:
         raise
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as error:
+    except (
+        ValueError,
+        TypeError,
+        OverflowError,
+        RecursionError,
+        msgpack.UnpackException,
+    ) as error:
         raise ProtocolError(f"undecodable frame: {error}") from error
+
+
+def _unpack(body: bytes | memoryview, **options: Any) -> Value:
+    return msgpack.unpackb(
+        body,
+        raw=False,
+        timestamp=3,
+        strict_map_key=False,
+        ext_hook=_ext_hook,
+        **options,
+    )
+
+
+def _dict_with_tuple_keys(pairs: list[tuple[Value, Value]]) -> dict:
+    return {_hashable(key): value for key, value in pairs}
+
+
+def _hashable(key: Value) -> Value:
+    if isinstance(key, list):
+        return tuple(_hashable(item) for item in key)
+    return key
 
 
 class FrameDecoder:

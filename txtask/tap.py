@@ -86,6 +86,15 @@ class Options(usage.Options):
             raise usage.UsageError("--max-workers must be at least 1")
         if self["shutdown-grace"] < 0:
             raise usage.UsageError("--shutdown-grace must not be negative")
+        level = self["log-level"].upper()
+        if level not in _LOG_LEVELS:
+            raise usage.UsageError(
+                f"--log-level must be one of {', '.join(_LOG_LEVELS)}, "
+                f"not {self['log-level']!r}"
+            )
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def makeService(options: Options) -> IService:
