@@ -15,6 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 import txtask
@@ -33,6 +34,23 @@ def worker_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     paths = [str(INTERFACES), str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+
+
+@pytest.fixture
+def until() -> Any:
+    """
+    Wait, with a bound, for a condition this process can only observe by
+    looking (a pool refilling, a process count settling).
+    """
+
+    async def wait(condition: Any, timeout: float = 10.0, what: str = "") -> None:
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"still waiting after {timeout} s: {what}")
+            await deferLater(reactor, 0.01, lambda: None)
+
+    return wait
 
 
 @pytest.fixture
@@ -86,13 +104,25 @@ class _Twistd(ProcessProtocol):
 
     def __init__(self) -> None:
         self.output = b""
-        self.listening: Deferred[None] = Deferred()
         self.ended: Deferred[Any] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+        self.listening = self.logged(b"txtask server listening")
+
+    def logged(self, text: bytes) -> Deferred[None]:
+        """
+        Fire once C{text} appears in the output (at most 30 seconds).
+        """
+        logged: Deferred[None] = Deferred()
+        self._waiting.append((text, logged))
+        self.outReceived(b"")
+        return logged.addTimeout(30, reactor)
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        if b"txtask server listening" in self.output and not self.listening.called:
-            self.listening.callback(None)
+        for waiting in list(self._waiting):
+            if waiting[0] in self.output:
+                self._waiting.remove(waiting)
+                waiting[1].callback(None)
 
     errReceived = outReceived
 

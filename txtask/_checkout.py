@@ -195,9 +195,11 @@ class _CheckoutCore:
             return
         self._replied = True
         if message[0] == "ok":
+            # The next call goes out, or the worker goes back to the pool,
+            # before the caller's callbacks run and perhaps ask for one.
             self._cancel_timer()
-            call.result.callback(message[1])
             self._advance()
+            call.result.callback(message[1])
             return
 
         _, kind, type_name, text, remote_traceback = message
@@ -210,10 +212,10 @@ class _CheckoutCore:
         skipped = list(self._queue)
         self._queue.clear()
         self._cancel_timer()
+        self._advance()
         call.result.errback(Failure(error))
         for later in skipped:
             later.result.errback(Failure(CallSkipped(error)))
-        self._advance()
 
     def bye_received(self, connection: WorkerConnection) -> None:
         if self._replied:

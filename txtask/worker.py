@@ -243,9 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     connection = socket.socket(fileno=CONNECTION_FD)
     connection.setblocking(True)
     try:
+        # The map holds its own duplicate of the descriptor.
         status = mmap.mmap(STATUS_FD, STATUS_COUNTER.size)
     except OSError:
         status = None
+    else:
+        os.close(STATUS_FD)
     worker = Worker(
         connection,
         control_fd=sys.stdin.fileno(),

@@ -91,3 +91,12 @@ def segfault():
     import ctypes
 
     return ctypes.string_at(0)
+
+
+def open_fds():
+    """The worker's open descriptors and what each one is."""
+    return {
+        int(name): os.readlink(f"/proc/self/fd/{name}")
+        for name in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{name}")
+    }
