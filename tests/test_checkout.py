@@ -579,10 +579,21 @@ def test_checkout_timeout_none_sets_no_timer() -> None:
 
 
 def test_checkout_timer_stops_when_the_last_reply_arrives() -> None:
+    """
+    An idle checkout can be held for any time; the next call gets the whole
+    timeout again.
+    """
     checkout, pool = make_checkout(timeout=5)
     checkout.hash()
-    pool.lend().ok(None)
-    assert pool.reactor.getDelayedCalls() == []
+    worker = pool.lend()
+    worker.ok(None)
+    pool.reactor.advance(100)
+    later = outcomes(checkout.hash())
+    pool.reactor.advance(4.9)
+    assert later == []
+    assert worker.received() == [call_frame("hash"), call_frame("hash")]
+    pool.reactor.advance(0.2)
+    assert isinstance(later[0].value, CheckoutTimeout)
 
 
 # Cancel and abort

@@ -11,8 +11,6 @@ imports this package, never pays for importing Twisted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from txtask.errors import (
     CallSkipped,
     CheckoutAborted,
@@ -28,7 +26,12 @@ from txtask.errors import (
     WorkerDied,
 )
 
+# Workers import this package; typing alone would add milliseconds to
+# every worker's start.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from txtask._checkout import Checkout
     from txtask._client import Client
     from txtask._server import TaskServer

@@ -117,6 +117,7 @@ class _CheckoutCore:
         self._setup_failed = False
         self._replied = False
         self._timer: IDelayedCall | None = None
+        self._deadline: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -147,8 +148,11 @@ class _CheckoutCore:
 
         call = _Call(method, frame, Deferred(self._cancel))
         self._queue.append(call)
-        self._restart_timer()
-        self._advance()
+        if self._running is None and self._worker is not None:
+            self._advance()  # Sends it, which restarts the timer.
+        else:
+            self._restart_timer()
+            self._advance()
         return call.result
 
     def release(self) -> None:
@@ -197,7 +201,7 @@ class _CheckoutCore:
         if message[0] == "ok":
             # The next call goes out, or the worker goes back to the pool,
             # before the caller's callbacks run and perhaps ask for one.
-            self._cancel_timer()
+            self._pause_timer()
             self._advance()
             call.result.callback(message[1])
             return
@@ -211,7 +215,7 @@ class _CheckoutCore:
         # Calls queued now are skipped; calls the errback makes are not.
         skipped = list(self._queue)
         self._queue.clear()
-        self._cancel_timer()
+        self._pause_timer()
         self._advance()
         call.result.errback(Failure(error))
         for later in skipped:
@@ -307,19 +311,38 @@ class _CheckoutCore:
             self._queue.remove(call)
         self.abort(CheckoutAborted(f"{call.label} was cancelled"))
 
+    # The timer is lazy: restarting it, once per call, only moves a
+    # deadline; the delayed call, when it fires, waits out what is left.
+
     def _restart_timer(self) -> None:
         if self._timeout is None:
             return
-        self._cancel_timer()
-        self._timer = self._pool.reactor.callLater(self._timeout, self._timed_out)
+        reactor = self._pool.reactor
+        self._deadline = reactor.seconds() + self._timeout
+        if self._timer is None:
+            self._timer = reactor.callLater(self._timeout, self._timer_fired)
+
+    def _pause_timer(self) -> None:
+        """
+        Stop the clock while no call waits or runs.
+        """
+        self._deadline = None
 
     def _cancel_timer(self) -> None:
+        self._deadline = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self) -> None:
+    def _timer_fired(self) -> None:
         self._timer = None
+        if self._deadline is None:
+            return
+        reactor = self._pool.reactor
+        left = self._deadline - reactor.seconds()
+        if left > 0:
+            self._timer = reactor.callLater(left, self._timer_fired)
+            return
         if self._running is not None:
             waiting = f"for {self._running.label} to return"
         else:

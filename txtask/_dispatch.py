@@ -17,10 +17,12 @@ Names starting with C{_} are never dispatched.
 from __future__ import annotations
 
 import importlib
-import inspect
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def resolve(path: str) -> Any:
@@ -53,7 +55,7 @@ class Dispatcher:
         """
         Prepare an interface for calls, instantiating it if it is a class.
         """
-        if inspect.isclass(interface):
+        if isinstance(interface, type):
             interface = interface()
         return cls(interface)
 
@@ -110,6 +112,9 @@ class Dispatcher:
 
         # Without __all__ only functions the module defines itself count:
         # one it imported (from os import system) must not be reachable.
-        if not inspect.isfunction(target) or target.__module__ != module.__name__:
+        if (
+            not isinstance(target, types.FunctionType)
+            or target.__module__ != module.__name__
+        ):
             raise missing
         return target

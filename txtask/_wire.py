@@ -12,22 +12,27 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 import msgpack
 
 from txtask.errors import ProtocolError
+
+# Workers import this module; typing alone would add milliseconds to
+# every worker's start.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    #: A decoded msgpack value: what crosses the wire.
+    Value = Any
+    #: A decoded message: a list led by its verb.
+    Message = list
 
 #: Version sent in the worker's hello; a client refuses any other.
 PROTOCOL_VERSION = 1
 
 #: Largest frame body accepted by default, in bytes (64 MiB).
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
-
-#: A decoded msgpack value: what crosses the wire.
-Value = Any
-#: A decoded message: a list led by its verb.
-Message = list
 
 _HEADER = struct.Struct(">I")
 _BIG_INT = 1
@@ -153,6 +158,11 @@ class FrameDecoder:
         """
         # The common case, whole frames in one chunk, decodes straight from
         # the chunk; only a partial frame is copied into the buffer.
+        if not self._buffer and len(data) >= 4:
+            (size,) = _HEADER.unpack_from(data)
+            if size + 4 == len(data) and size <= self.max_frame_size:
+                with memoryview(data) as view:
+                    return [decode_body(view[4:])]
         if self._buffer:
             self._buffer += data
             data = self._buffer
@@ -187,18 +197,21 @@ class FrameDecoder:
 
 
 def _shape(verb: str, *types: type | tuple[type, ...]) -> Callable[[list], list]:
+    length = len(types) + 1
+    typed = [
+        (position, kind) for position, kind in enumerate(types, 1) if kind is not object
+    ]
+
     def check(message: list) -> list:
-        if len(message) != len(types) + 1:
+        if len(message) != length:
             raise ProtocolError(
                 f"{verb!r} message has {len(message) - 1} fields, expected {len(types)}"
             )
-        for position, (field, kind) in enumerate(
-            zip(message[1:], types, strict=True), 1
-        ):
-            if not isinstance(field, kind):
+        for position, kind in typed:
+            if not isinstance(message[position], kind):
                 raise ProtocolError(
                     f"field {position} of {verb!r} message is "
-                    f"{type(field).__name__}, not the expected type"
+                    f"{type(message[position]).__name__}, not the expected type"
                 )
         return message
 

@@ -30,11 +30,14 @@ import sys
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from txtask import _wire
 from txtask._dispatch import Dispatcher, resolve
 from txtask.errors import ProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 #: The client connection's file descriptor in a worker process.
 CONNECTION_FD = 3
@@ -43,7 +46,9 @@ STATUS_FD = 4
 #: The status page's call counter: odd while a call runs.
 STATUS_COUNTER = struct.Struct("=Q")
 
-_RECEIVE_SIZE = 256 * 1024
+# Below glibc's mmap threshold (128 KiB), so that each recv() takes its
+# buffer from the heap rather than mapping and unmapping fresh pages.
+_RECEIVE_SIZE = 64 * 1024
 
 log = logging.getLogger("txtask.worker")
 
