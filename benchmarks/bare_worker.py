@@ -18,7 +18,10 @@ import msgpack
 CONNECTION_FD = 3
 
 _FRAME = struct.Struct(">I")
-_RECEIVE_SIZE = 256 * 1024
+
+# Twisted's read size. Asking recv() for more than glibc's mmap threshold
+# (128 KiB by default) can make every call map and unmap a fresh buffer.
+_RECEIVE_SIZE = 64 * 1024
 
 
 def serve(connection: socket.socket) -> None:

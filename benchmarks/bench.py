@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -59,13 +59,14 @@ from twisted.python.failure import Failure
 import txtask
 
 #: Calls in one round of the sequential measurement.
-SEQUENTIAL_CALLS = 3000
+SEQUENTIAL_CALLS = 1000
 #: Calls on each connection in one round of the concurrent measurement.
-CONCURRENT_CALLS = 2000
+CONCURRENT_CALLS = 1000
 #: Connections, and workers, in the concurrent measurement.
 CONCURRENCY = 4
 #: Rounds of each sequential and concurrent measurement; the best is shown.
-ROUNDS = 7
+#: Many short rounds stand a better chance of catching the machine quiet.
+ROUNDS = 15
 #: Calls on each connection before the rounds start.
 WARM_UP_CALLS = 500
 #: Cold checkouts timed; the median is shown.
@@ -219,7 +220,10 @@ class ServerProcess(ProcessProtocol):
             sys.executable,
             [sys.executable, "-c", TWISTD, "-n", "txtask"]
             + ["--interface", INTERFACE_MODULE, "--listen", f"unix:{socket_path}"],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, python_path))},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, python_path)),
+            },
             path=str(directory),
         )
         return server, f"unix:{socket_path}"
@@ -271,15 +275,31 @@ class ServerProcess(ProcessProtocol):
 
 
 @dataclass
-class Figures:
+class Side:
     """
-    What one run measured: per-round results, and each cold checkout.
+    One way of making calls, and what its rounds measured.
+
+    @ivar calls: One call per connection.
+    @ivar sequential: Seconds per call, one value per round.
+    @ivar concurrent: Calls per second of all connections, one per round.
     """
 
-    bare_sequential: list[float]
-    txtask_sequential: list[float]
-    bare_concurrent: list[float]
-    txtask_concurrent: list[float]
+    name: str
+    calls: list[Call]
+    sequential: list[float] = field(default_factory=list)
+    concurrent: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Figures:
+    """
+    What one run measured.
+
+    @ivar cold_checkouts: Seconds each cold checkout took.
+    """
+
+    bare: Side
+    txtask: Side
     cold_checkouts: list[float]
 
 
@@ -337,41 +357,38 @@ def txtask_call(checkout: txtask.Checkout) -> Call:
 @inlineCallbacks
 def measure_held(
     reactor: Any, server: ServerProcess, endpoint: str, bare: list[BareWorker]
-) -> Generator[Deferred[Any], Any, tuple[list[float], ...]]:
+) -> Generator[Deferred[Any], Any, tuple[Side, Side]]:
     """
     Measure calls on held connections, bare and txtask rounds taking turns.
 
-    @return: Seconds per sequential call and aggregate calls per second, for
-        bare then txtask, one value per round each.
+    @return: The bare side and the txtask side, their rounds measured.
     """
     client = txtask.Client(
         endpoint, min_workers=CONCURRENCY, max_workers=CONCURRENCY, reactor=reactor
     )
     checkouts = [client.checkout() for _ in range(CONCURRENCY)]
-    bare_calls = [bare_call(worker.connection) for worker in bare]
-    txtask_calls = [txtask_call(checkout) for checkout in checkouts]
+    sides = (
+        Side("bare", [bare_call(worker.connection) for worker in bare]),
+        Side("txtask", [txtask_call(checkout) for checkout in checkouts]),
+    )
 
     # The first call on a worker imports the interface; keep that, and the
     # first use of every code path, out of the rounds.
-    yield time_calls(bare_calls + txtask_calls, WARM_UP_CALLS, reactor)
+    yield time_calls(sides[0].calls + sides[1].calls, WARM_UP_CALLS, reactor)
 
-    per_call: dict[str, list[float]] = {"bare": [], "txtask": []}
-    per_second: dict[str, list[float]] = {"bare": [], "txtask": []}
     for _ in range(ROUNDS):
-        for side, calls in (("bare", bare_calls), ("txtask", txtask_calls)):
-            elapsed = yield time_calls(calls[:1], SEQUENTIAL_CALLS, reactor)
-            per_call[side].append(elapsed / SEQUENTIAL_CALLS)
-        for side, calls in (("bare", bare_calls), ("txtask", txtask_calls)):
-            elapsed = yield time_calls(calls, CONCURRENT_CALLS, reactor)
-            per_second[side].append(CONCURRENCY * CONCURRENT_CALLS / elapsed)
+        for side in sides:
+            elapsed = yield time_calls(side.calls[:1], SEQUENTIAL_CALLS, reactor)
+            side.sequential.append(elapsed / SEQUENTIAL_CALLS)
+        for side in sides:
+            elapsed = yield time_calls(side.calls, CONCURRENT_CALLS, reactor)
+            side.concurrent.append(CONCURRENCY * CONCURRENT_CALLS / elapsed)
 
     for checkout in checkouts:
         checkout.release()
     yield client.close()
     yield bounded(server.exits(CONCURRENCY), reactor)
-    return per_call["bare"], per_call["txtask"], per_second["bare"], per_second[
-        "txtask"
-    ]
+    return sides
 
 
 @inlineCallbacks
@@ -413,7 +430,7 @@ def measure(reactor: Any) -> Generator[Deferred[Any], Any, Figures]:
         bare = [BareWorker.start(reactor) for _ in range(CONCURRENCY)]
         try:
             yield bounded(server.listening, reactor)
-            held = yield measure_held(reactor, server, endpoint, bare)
+            sides = yield measure_held(reactor, server, endpoint, bare)
             cold = yield measure_cold(reactor, server, endpoint, CONCURRENCY)
         except BaseException:
             print("\n".join(["txtask server output:", *server.output]), file=sys.stderr)
@@ -426,19 +443,21 @@ def measure(reactor: Any) -> Generator[Deferred[Any], Any, Figures]:
                 gatherResults([server.ended] + [worker.ended for worker in bare]),
                 reactor,
             )
-    return Figures(*held, cold)
+    return Figures(*sides, cold)
 
 
-def describe_install() -> list[str]:
+def describe_setup() -> list[str]:
     """
-    Say where txtask comes from, warning when it is a source tree.
+    Say where txtask comes from and how busy the machine is, warning when
+    txtask is a source tree.
     """
     package = Path(txtask.__file__).resolve().parent
     lines = [
         f"txtask {metadata.version('txtask')} imported from {package}",
         f"Python {sys.version.split()[0]} ({sys.executable}), "
-        f"Twisted {metadata.version('twisted')}, msgpack {metadata.version('msgpack')}, "
-        f"{os.cpu_count()} CPUs",
+        f"Twisted {metadata.version('twisted')}, msgpack {metadata.version('msgpack')}",
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before the "
+        f"run (anything else running skews every figure)",
     ]
     if (package.parent / "pyproject.toml").exists():
         lines.append(
@@ -451,16 +470,25 @@ def describe_install() -> list[str]:
     return lines
 
 
+def paired_ratio(bare: list[float], txtask_: list[float]) -> float:
+    """
+    The median over rounds of txtask's figure over the bare one, each pair
+    measured one after the other: the ratio least moved by drift in the
+    machine's speed.
+    """
+    return statistics.median(t / b for b, t in zip(bare, txtask_, strict=True))
+
+
 def report(figures: Figures) -> list[str]:
     """
     The figures side by side with their ratios and targets.
     """
-    bare_sequential = min(figures.bare_sequential) * 1e6
-    txtask_sequential = min(figures.txtask_sequential) * 1e6
-    bare_concurrent = max(figures.bare_concurrent)
-    txtask_concurrent = max(figures.txtask_concurrent)
+    bare, txtask_ = figures.bare, figures.txtask
+    bare_sequential = min(bare.sequential) * 1e6
+    txtask_sequential = min(txtask_.sequential) * 1e6
+    bare_concurrent = max(bare.concurrent)
+    txtask_concurrent = max(txtask_.concurrent)
     cold = sorted(seconds * 1e3 for seconds in figures.cold_checkouts)
-    cold_median = statistics.median(cold)
 
     row = "{:<32}{:>12}{:>12}{:>14}{:>12}"
     return [
@@ -479,23 +507,29 @@ def report(figures: Figures) -> list[str]:
             f"{txtask_concurrent / bare_concurrent:.2f}x",
             ">= 0.85x",
         ),
-        row.format("cold checkout, ms", "-", f"{cold_median:.1f}", "-", "<= 25 ms"),
+        row.format(
+            "cold checkout, ms", "-", f"{statistics.median(cold):.1f}", "-", "<= 25 ms"
+        ),
         "",
-        f"sequential: best of {ROUNDS} rounds of {SEQUENTIAL_CALLS} calls "
-        f"(medians: bare {statistics.median(figures.bare_sequential) * 1e6:.1f}, "
-        f"txtask {statistics.median(figures.txtask_sequential) * 1e6:.1f} us)",
+        f"sequential: best of {ROUNDS} rounds of {SEQUENTIAL_CALLS} calls; "
+        f"medians {statistics.median(bare.sequential) * 1e6:.1f} and "
+        f"{statistics.median(txtask_.sequential) * 1e6:.1f} us, "
+        f"paired ratio {paired_ratio(bare.sequential, txtask_.sequential):.2f}x",
         f"concurrent: best of {ROUNDS} rounds of {CONCURRENCY} x "
-        f"{CONCURRENT_CALLS} calls "
-        f"(medians: bare {statistics.median(figures.bare_concurrent):,.0f}, "
-        f"txtask {statistics.median(figures.txtask_concurrent):,.0f} calls/s)",
-        f"cold checkout: median of {COLD_REPEATS} "
-        f"(min {cold[0]:.1f}, max {cold[-1]:.1f} ms)",
+        f"{CONCURRENT_CALLS} calls; medians "
+        f"{statistics.median(bare.concurrent):,.0f} and "
+        f"{statistics.median(txtask_.concurrent):,.0f} calls/s, "
+        f"paired ratio {paired_ratio(bare.concurrent, txtask_.concurrent):.2f}x",
+        f"cold checkout: median of {COLD_REPEATS}, "
+        f"from {cold[0]:.1f} to {cold[-1]:.1f} ms",
+        "paired ratio: the median over rounds of txtask/bare, each pair measured "
+        "back to back",
     ]
 
 
 @inlineCallbacks
 def main(reactor: IReactorCore) -> Generator[Deferred[Any], Any, None]:
-    print("\n".join(describe_install()), end="\n\n", flush=True)
+    print("\n".join(describe_setup()), end="\n\n", flush=True)
     figures = yield measure(reactor)
     print("\n".join(report(figures)))
 
