@@ -194,10 +194,14 @@ async def test_abort_fails_running_and_queued_and_kills(
     running = checkout.sleep(60)
     queued = checkout.pid()
     checkout.abort("user logged out")
+    errors = []
     for call in (running, queued, checkout.pid()):
         with pytest.raises(CheckoutAborted, match="user logged out") as raised:
             await call
         assert raised.value.reason == "user logged out"
+        errors.append(raised.value)
+    # Sticky: every later call fails with the very same error.
+    assert errors[0] is errors[1] is errors[2]
     await exits.wait(pid)
 
 
@@ -256,7 +260,12 @@ async def test_refork_after_error(start_server, make_client, refork, same):
 async def test_max_checkouts_retires_worker(start_server, make_client):
     await start_server()
     client = make_client(min_workers=1, max_workers=1, max_checkouts=2)
-    pids = [await client.call("pid") for _ in range(4)]
+    pids = []
+    for _ in range(4):
+        pids.append(await client.call("pid"))
+        # The replacement is on its way as soon as the old worker goes.
+        stats = client.stats()
+        assert stats["idle"] + stats["connecting"] == 1, stats
     assert pids[0] == pids[1] != pids[2] == pids[3]
 
 
