@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 import txtask
@@ -94,6 +95,43 @@ def make_client(socket_path: Path) -> Any:
     yield make
     for client in clients:
         pytest_twisted.blockon(client.close())
+
+
+class _Events:
+    """
+    Collect log events of the global publisher during a test.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self._waiters: list[tuple] = []
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+        for waiter in list(self._waiters):
+            test, fired = waiter
+            if test(event):
+                self._waiters.remove(waiter)
+                fired.callback(event)
+
+    def wait_for(self, test) -> Deferred:
+        """
+        Fire with the first event, past or future, that passes C{test}.
+        """
+        for event in self.events:
+            if test(event):
+                return succeed(event)
+        fired: Deferred = Deferred()
+        self._waiters.append((test, fired))
+        return fired.addTimeout(10, reactor)
+
+
+@pytest.fixture
+def events():
+    observer = _Events()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
 
 
 class _Twistd(ProcessProtocol):

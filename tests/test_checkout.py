@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 
-from txtask._checkout import Checkout, _CheckoutCore
+from txtask._checkout import Checkout, Counters, _CheckoutCore
 from txtask._protocol import WorkerConnection
 from txtask.errors import (
     CallSkipped,
@@ -35,14 +35,22 @@ class FakePool:
     Records what a checkout asks of the pool; the test lends workers.
     """
 
-    def __init__(self, name: str | None = None, refork_after_error: bool = True):
+    def __init__(
+        self,
+        name: str | None = None,
+        refork_after_error: bool = True,
+        leak_warning: float | None = None,
+    ):
         self.reactor = Clock()
         self.name = name
+        self.leak_warning = leak_warning
+        self.counters = Counters()
         self.refork_after_error = refork_after_error
         self.requests: list[tuple[_CheckoutCore, bool]] = []
         self.withdrawn: list[_CheckoutCore] = []
         self.returned: list[tuple[WorkerConnection, bool]] = []
         self.discarded: list[WorkerConnection] = []
+        self.reasons: list[str] = []
 
     def request_worker(self, core: _CheckoutCore, first: bool = False) -> None:
         self.requests.append((core, first))
@@ -53,8 +61,9 @@ class FakePool:
     def return_worker(self, connection: WorkerConnection, retire: bool) -> None:
         self.returned.append((connection, retire))
 
-    def discard_worker(self, connection: WorkerConnection) -> None:
+    def discard_worker(self, connection: WorkerConnection, reason: str) -> None:
         self.discarded.append(connection)
+        self.reasons.append(reason)
 
     def lend(self, pid: int = 100) -> FakeWorker:
         """

@@ -175,9 +175,9 @@ def test_client_stats_count_idle_busy_connecting_and_waiting() -> None:
     second.hash()
     third = client.checkout()
     third.hash()
-    assert client.stats() == {"idle": 0, "busy": 0, "connecting": 2, "waiting": 3}
+    assert pool_state(client) == {"idle": 0, "busy": 0, "connecting": 2, "waiting": 3}
     endpoint.accept()
-    assert client.stats() == {"idle": 0, "busy": 1, "connecting": 1, "waiting": 2}
+    assert pool_state(client) == {"idle": 0, "busy": 1, "connecting": 1, "waiting": 2}
 
 
 def test_client_release_returns_the_worker_to_the_pool() -> None:
@@ -593,7 +593,7 @@ def test_client_checkout_timeout_none_never_times_out() -> None:
     client, endpoint, reactor = make_client(timeout=7)
     running = outcomes(client.checkout(timeout=None).hash())
     endpoint.accept()
-    assert reactor.getDelayedCalls() == []
+    reactor.advance(10**6)
     assert running == []
 
 
@@ -742,3 +742,9 @@ def test_client_every_call_deferred_fires_exactly_once() -> None:
     reactor.advance(5)
     assert [len(fired) for fired in calls] == [1, 1, 1, 1, 1]
     assert len(other) == 1
+
+
+def pool_state(client) -> dict:
+    """The pool part of stats(): where each worker and checkout is now."""
+    stats = client.stats()
+    return {key: stats[key] for key in ("idle", "busy", "connecting", "waiting")}

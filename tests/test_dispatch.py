@@ -481,11 +481,12 @@ def test_worker_runs_setup_once_before_the_first_call(
     assert service.setups == 1
 
 
-def test_worker_does_not_run_setup_without_a_call(
+def test_worker_runs_setup_before_the_first_call(
     connection: Connection, service: types.ModuleType
 ) -> None:
+    """A standby worker is ready before anyone checks it out."""
     connection.serve(SERVICE, setup=f"{SERVICE}:setup")
-    assert service.setups == 0
+    assert service.setups == 1
 
 
 def test_worker_replies_setup_error_to_every_call(
@@ -621,10 +622,13 @@ def test_worker_counts_calls(connection: Connection, service: types.ModuleType) 
 def test_worker_marks_its_status_page_odd_while_a_call_runs(
     connection: Connection, service: types.ModuleType
 ) -> None:
-    """The server reads the page to find a worker hung in one call."""
+    """
+    The server reads the page to find a worker hung in one call, or in
+    setup (counted first).
+    """
     with mmap.mmap(-1, STATUS_COUNTER.size) as page:
         service.status_page = page
         connection.send(["call", "status", [], {}], ["call", "status", [], {}])
         replies = connection.serve(SERVICE, status=page)
-        assert replies[1:] == [["ok", 1], ["ok", 3]]
-        assert STATUS_COUNTER.unpack_from(page)[0] == 4
+        assert replies[1:] == [["ok", 3], ["ok", 5]]
+        assert STATUS_COUNTER.unpack_from(page)[0] == 6

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from txtask._server import TaskServer, import_path
-from txtask.worker import CONNECTION_FD, STATUS_COUNTER, STATUS_FD
+from txtask.worker import CONNECTION_FD, ENTRY, STATUS_COUNTER, STATUS_FD
 
 
 class Harness:
@@ -346,7 +346,7 @@ def test_server_spawns_a_worker_for_each_connection(harness: Harness) -> None:
     harness.connect()
     [process] = harness.processes
     assert process.executable == sys.executable
-    assert process.args[:3] == [sys.executable, "-m", "txtask.worker"]
+    assert process.args[:3] == [sys.executable, "-c", ENTRY]
     assert json.loads(process.args[3]) == {
         "interface": "myapp.hasher",
         "setup": "myapp.hasher:setup",

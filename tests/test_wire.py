@@ -224,11 +224,44 @@ def test_check_message_refuses_a_verb_of_the_other_side() -> None:
 
 @pytest.mark.parametrize(
     "message",
-    [["ok"], ["ok", 1, 2], ["bye", None], ["hello", 1], ["error", "a", "b", "c"]],
+    [["ok"], ["ok", 1, [], 2], ["bye", None], ["hello", 1], ["error", "a", "b", "c"]],
 )
 def test_check_message_refuses_a_wrong_field_count(message: list[Any]) -> None:
     with pytest.raises(ProtocolError, match="fields, expected"):
         _wire.check_message(message, _wire.WORKER_MESSAGES)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [["ok", 1, "not a list"], ["error", "remote", "E", "m", "tb", {}]],
+)
+def test_check_message_refuses_events_that_are_not_a_list(message: list[Any]) -> None:
+    with pytest.raises(ProtocolError, match="field"):
+        _wire.check_message(message, _wire.WORKER_MESSAGES)
+
+
+def test_check_events_accepts_records_and_timers() -> None:
+    events = [
+        ["log", 1.5, 20, "app.db", "connected", None],
+        ["log", 2, 40, "app", "failed", "Traceback ..."],
+        ["timer", "sql", 1.0, 2.5],
+    ]
+    assert _wire.check_events(events) is events
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        "log",
+        ["log", 1.5, "INFO", "app", "text", None],
+        ["log", 1.5, 20, "app", "text"],
+        ["timer", "sql", "now", 2.0],
+        ["trace", "x"],
+    ],
+)
+def test_check_events_refuses_malformed_events(event: Any) -> None:
+    with pytest.raises(ProtocolError):
+        _wire.check_events([event])
 
 
 @pytest.mark.parametrize(

@@ -34,10 +34,12 @@ if TYPE_CHECKING:
 
     from txtask._checkout import Checkout
     from txtask._client import Client
+    from txtask._requestlog import RequestLog
     from txtask._server import TaskServer
 
 __all__ = [
     "Client",
+    "RequestLog",
     "Checkout",
     "TaskServer",
     "TaskError",
@@ -58,6 +60,7 @@ _LAZY = {
     "Client": "txtask._client",
     "Checkout": "txtask._checkout",
     "TaskServer": "txtask._server",
+    "RequestLog": "txtask._requestlog",
 }
 
 

@@ -22,15 +22,18 @@ its L{_CheckoutCore}, so dropping the last L{Checkout} releases it.
 from __future__ import annotations
 
 import itertools
+import os
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from txtask import _wire
+from txtask._requestlog import RequestLog, level_name
 from txtask.errors import (
     CallSkipped,
     CheckoutAborted,
@@ -49,6 +52,67 @@ if TYPE_CHECKING:
 
 _checkout_ids = itertools.count(1)
 
+#: Why a worker left the pool, as counted by L{Counters.workers_retired}.
+RETIRE_REASONS = (
+    "error",
+    "max_checkouts",
+    "death",
+    "timeout",
+    "abort",
+    "protocol",
+    "stopped",
+    "closed",
+)
+
+#: The twisted.logger level of each RequestLog level name.
+_LOG_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+
+
+class Counters:
+    """
+    What a pool and its checkouts did since the client started.
+
+    @ivar checkouts_served: Checkouts that were lent a worker.
+    @ivar calls_made: Calls queued on a checkout (not those refused at once,
+        on a released or failed checkout, or with unsendable arguments).
+    @ivar calls_failed: Of those, the ones that failed, by error class name.
+    @ivar workers_started: Worker connections that said hello.
+    @ivar workers_retired: Workers that left the pool, by reason (one of
+        L{RETIRE_REASONS}).
+    """
+
+    def __init__(self) -> None:
+        self.checkouts_served = 0
+        self.calls_made = 0
+        self.calls_failed: dict[str, int] = {}
+        self.workers_started = 0
+        self.workers_retired = dict.fromkeys(RETIRE_REASONS, 0)
+
+    def retired(self, reason: str) -> None:
+        self.workers_retired[reason] += 1
+
+    def call_failed(self, error: BaseException) -> None:
+        name = type(error).__name__
+        self.calls_failed[name] = self.calls_failed.get(name, 0) + 1
+
+
+def _retire_reason(error: BaseException) -> str:
+    if isinstance(error, CheckoutTimeout):
+        return "timeout"
+    if isinstance(error, CheckoutAborted):
+        return "abort"
+    if isinstance(error, ProtocolError):
+        return "protocol"
+    if isinstance(error, ClientClosed):
+        return "closed"
+    return "death"
+
 
 class Pool(Protocol):
     """
@@ -57,6 +121,10 @@ class Pool(Protocol):
 
     reactor: IReactorTime
     name: str | None
+    counters: Counters
+    #: Seconds a checkout may hold a worker with no call in flight before
+    #: a warning is logged; C{None}: never.
+    leak_warning: float | None
 
     def request_worker(self, core: _CheckoutCore, first: bool = False) -> None:
         """
@@ -75,19 +143,23 @@ class Pool(Protocol):
         Take back a worker after a checkout, retiring it if asked.
         """
 
-    def discard_worker(self, connection: WorkerConnection) -> None:
+    def discard_worker(self, connection: WorkerConnection, reason: str) -> None:
         """
-        Drop a worker that must never be reused.
+        Drop a worker that must never be reused; C{reason} is one of
+        L{RETIRE_REASONS}.
         """
 
 
 class _Call:
-    __slots__ = ("method", "frame", "result")
+    __slots__ = ("method", "frame", "result", "made_at")
 
-    def __init__(self, method: str | None, frame: bytes, result: Deferred) -> None:
+    def __init__(
+        self, method: str | None, frame: bytes, result: Deferred, made_at: float
+    ) -> None:
         self.method = method
         self.frame = frame
         self.result = result
+        self.made_at = made_at
 
     @property
     def label(self) -> str:
@@ -99,12 +171,25 @@ class _CheckoutCore:
     The state of one checkout, as the pool and the worker connection see it.
 
     @ivar checkout_id: A number unique in this process, for logs.
+    @ivar site: Where the checkout was taken (C{file:line}), for warnings.
     """
 
     log = Logger()
 
-    def __init__(self, pool: Pool, timeout: float | None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        timeout: float | None,
+        log: RequestLog | None = None,
+        site: str = "an unknown place",
+    ) -> None:
         self.checkout_id = next(_checkout_ids)
+        self.site = site
+        self._request_log = log
+        self._counters = pool.counters
+        self._leak_timer: IDelayedCall | None = None
+        self._idle_since: float | None = None
+        self._leak_warned = False
         self.released = False
         self._pool = pool
         self._timeout = timeout
@@ -146,8 +231,11 @@ class _CheckoutCore:
                 TypeError(f"cannot send the arguments of {_label(method)}: {error}")
             )
 
-        call = _Call(method, frame, Deferred(self._cancel))
+        made_at = time.time() if self._request_log is not None else 0.0
+        call = _Call(method, frame, Deferred(self._cancel), made_at)
         self._queue.append(call)
+        self._counters.calls_made += 1
+        self._idle_since = None
         if self._running is None and self._worker is not None:
             self._advance()  # Sends it, which restarts the timer.
         else:
@@ -173,7 +261,7 @@ class _CheckoutCore:
         self._fatal = error
         self._cancel_timer()
 
-        self._drop_worker()
+        self._drop_worker(_retire_reason(error))
         self._pool.withdraw(self)
         self._requested = False
 
@@ -181,16 +269,25 @@ class _CheckoutCore:
         self._running = None
         self._queue.clear()
         for call in failed:
-            call.result.errback(Failure(error))
+            self._call_timer(call)
+        # Before any errback: the caller may resume and drop its last
+        # reference to the log there.
+        self._request_log = None
+        for call in failed:
+            self._fail_call(call, error)
 
     def worker_assigned(self, connection: WorkerConnection) -> None:
         """
         The pool lends this checkout a worker.
         """
         self._requested = False
+        if not self._replied and self._worker is None:
+            self._counters.checkouts_served += 1
         self._worker = connection
         connection.listener = self
         self._advance()
+        if self._leak_timer is None:
+            self._start_leak_watch()
 
     def reply_received(self, connection: WorkerConnection, message: list) -> None:
         call, self._running = self._running, None
@@ -198,15 +295,28 @@ class _CheckoutCore:
             self.abort(ProtocolError(f"worker {connection.pid} replied to no call"))
             return
         self._replied = True
-        if message[0] == "ok":
+        ok = message[0] == "ok"
+        events = message[2 if ok else 5] if len(message) > (2 if ok else 5) else None
+        if events:
+            try:
+                self._replay(connection, call, _wire.check_events(events))
+            except ProtocolError as error:
+                self._running = call
+                self.abort(error)
+                return
+        if self._leak_timer is not None:
+            # Idle from now, unless the next queued call goes out.
+            self._idle_since = self._pool.reactor.seconds()
+        if ok:
             # The next call goes out, or the worker goes back to the pool,
             # before the caller's callbacks run and perhaps ask for one.
             self._pause_timer()
+            self._call_timer(call)
             self._advance()
             call.result.callback(message[1])
             return
 
-        _, kind, type_name, text, remote_traceback = message
+        _, kind, type_name, text, remote_traceback = message[:5]
         error_class = SetupError if kind == "setup" else RemoteError
         error = error_class(type_name, text, remote_traceback, call.method)
         self._saw_error = True
@@ -216,10 +326,54 @@ class _CheckoutCore:
         skipped = list(self._queue)
         self._queue.clear()
         self._pause_timer()
+        for failed in (call, *skipped):
+            self._call_timer(failed)
         self._advance()
-        call.result.errback(Failure(error))
+        self._fail_call(call, error)
         for later in skipped:
-            later.result.errback(Failure(CallSkipped(error)))
+            self._fail_call(later, CallSkipped(error))
+
+    def _replay(self, connection: WorkerConnection, call: _Call, events: list) -> None:
+        """
+        Re-emit a reply's worker records here, and add them and the worker's
+        timers to the request log.
+        """
+        request_log = self._request_log
+        method = call.method or "__call__"
+        for event in events:
+            if event[0] == "timer":
+                if request_log is not None:
+                    request_log.add_timer(event[1], event[2], event[3], connection.pid)
+                continue
+            _, when, levelno, logger_name, text, exception = event
+            level = level_name(levelno)
+            if exception is not None:
+                text = f"{text}\n{exception}"
+            Logger(namespace=f"txtask.remote.{logger_name}").emit(
+                _LOG_LEVELS[level],
+                "{message}",
+                message=text,
+                worker_pid=connection.pid,
+                method=method,
+                checkout_id=self.checkout_id,
+                remote_logger=logger_name,
+                remote_time=when,
+            )
+            if request_log is not None:
+                request_log.add_log(when, level, text, connection.pid)
+
+    def _call_timer(self, call: _Call) -> None:
+        if self._request_log is not None:
+            self._request_log.add_timer(
+                call.method or "__call__", call.made_at, time.time(), os.getpid()
+            )
+
+    def _fail_call(self, call: _Call, error: BaseException) -> None:
+        """
+        Count and fail a call; its timer is already in the request log.
+        """
+        self._counters.call_failed(error)
+        call.result.errback(Failure(error))
 
     def bye_received(self, connection: WorkerConnection) -> None:
         if self._replied:
@@ -227,7 +381,7 @@ class _CheckoutCore:
             return
 
         # It took nothing from this checkout: ask for another worker.
-        self._drop_worker()
+        self._drop_worker("stopped")
         if self._running is not None:
             self._queue.appendleft(self._running)
             self._running = None
@@ -252,14 +406,15 @@ class _CheckoutCore:
             )
         )
 
-    def _drop_worker(self) -> None:
+    def _drop_worker(self, reason: str) -> None:
         """
         Give the worker back to the pool as one that must never be reused.
         """
+        self._stop_leak_watch()
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.listener = None
-            self._pool.discard_worker(worker)
+            self._pool.discard_worker(worker, reason)
 
     def _advance(self) -> None:
         """
@@ -278,11 +433,14 @@ class _CheckoutCore:
             return
 
         self._running = self._queue.popleft()
+        self._idle_since = None
         self._restart_timer()
         self._worker.send(self._running.frame)
 
     def _finish(self) -> None:
         self._cancel_timer()
+        self._stop_leak_watch()
+        self._request_log = None
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.listener = None
@@ -309,6 +467,8 @@ class _CheckoutCore:
             self._running = None
         else:
             self._queue.remove(call)
+        self._counters.call_failed(CancelledError())
+        self._call_timer(call)
         self.abort(CheckoutAborted(f"{call.label} was cancelled"))
 
     # The timer is lazy: restarting it, once per call, only moves a
@@ -354,6 +514,43 @@ class _CheckoutCore:
                 f"timeout= to checkout() if this is expected",
                 self._timeout,
             )
+        )
+
+    # Leak watch: like the checkout timer, lazy. While the checkout holds a
+    # worker, one delayed call looks at how long it has been idle.
+
+    def _start_leak_watch(self) -> None:
+        period = self._pool.leak_warning
+        if period is None or self._leak_warned:
+            return
+        reactor = self._pool.reactor
+        self._idle_since = reactor.seconds() if self._running is None else None
+        self._leak_timer = reactor.callLater(period, self._leak_check)
+
+    def _stop_leak_watch(self) -> None:
+        if self._leak_timer is not None and self._leak_timer.active():
+            self._leak_timer.cancel()
+        self._leak_timer = None
+        self._idle_since = None
+
+    def _leak_check(self) -> None:
+        period = self._pool.leak_warning
+        reactor = self._pool.reactor
+        idle = 0.0 if self._idle_since is None else reactor.seconds() - self._idle_since
+        if idle < period:
+            self._leak_timer = reactor.callLater(period - idle, self._leak_check)
+            return
+        self._leak_timer = None
+        self._leak_warned = True
+        self.log.warn(
+            "checkout {checkout_id}{client} taken at {site} has held worker "
+            "{pid} for {idle:.0f} seconds with no call; release() it when done, "
+            "or the pool runs short of workers",
+            checkout_id=self.checkout_id,
+            client=self._client_text(),
+            site=self.site,
+            pid=self._worker.pid if self._worker is not None else None,
+            idle=idle,
         )
 
     def _client_text(self) -> str:

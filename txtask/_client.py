@@ -18,6 +18,8 @@ The pool knows nothing of calls: L{_CheckoutCore} does.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -30,9 +32,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txtask import _wire
-from txtask._checkout import Checkout, _CheckoutCore
+from txtask._checkout import Checkout, Counters, _CheckoutCore
 from txtask._protocol import WorkerConnection
-from txtask.errors import ClientClosed, Overloaded
+from txtask._requestlog import RequestLog
+from txtask.errors import ClientClosed, Overloaded, ProtocolError
 
 #: First delay before reconnecting to an endpoint that failed, in seconds.
 RETRY_INITIAL = 0.05
@@ -86,6 +89,7 @@ class Client:
         max_pending_checkouts: int | None = None,
         name: str | None = None,
         max_frame_size: int = _wire.DEFAULT_MAX_FRAME_SIZE,
+        leak_warning: float | None = 60,
         reactor: Any = None,
     ) -> None:
         """
@@ -103,6 +107,9 @@ class Client:
             C{checkout()} raises L{Overloaded}; C{None}: no limit.
         @param name: Label for log events and error text.
         @param max_frame_size: Largest frame accepted from a worker, in bytes.
+        @param leak_warning: Seconds a checkout may hold a worker with no
+            call in flight before a warning naming where it was taken is
+            logged (once per checkout); C{None}: never.
         @param reactor: The reactor; the global one by default.
         """
         targets = [connect] if isinstance(connect, str) else connect
@@ -125,6 +132,7 @@ class Client:
         if max_pending_checkouts is not None:
             _check_count("max_pending_checkouts", max_pending_checkouts, minimum=0)
         _check_timeout(timeout)
+        _check_timeout(leak_warning, "leak_warning")
 
         self._connect = targets
         self.min_workers = min(min_workers, max_workers)
@@ -135,6 +143,8 @@ class Client:
         self.max_pending_checkouts = max_pending_checkouts
         self.name = name
         self.max_frame_size = max_frame_size
+        self.leak_warning = leak_warning
+        self.counters = Counters()
         self._reactor = reactor
 
         self._targets: list[_Target] | None = None
@@ -155,12 +165,17 @@ class Client:
             self._reactor = reactor
         return self._reactor
 
-    def checkout(self, timeout: float | None = _DEFAULT, log: Any = None) -> Checkout:
+    def checkout(
+        self, timeout: float | None = _DEFAULT, log: RequestLog | None = None
+    ) -> Checkout:
         """
         Take a checkout. It gets a worker on its first call.
 
         @param timeout: Seconds a call may wait for a worker or run; the
             client's default if not given; C{None}: no timeout.
+        @param log: A L{RequestLog} collecting this checkout's calls, and the
+            worker's records and timers. The client drops it when the
+            checkout ends.
         @raise Overloaded: C{max_pending_checkouts} checkouts already wait.
         @raise ClientClosed: The client was closed.
         """
@@ -175,8 +190,10 @@ class Client:
                 f"{len(self._waiting)} checkouts are already waiting for a "
                 f"worker (max_pending_checkouts={limit}); retry later"
             )
+        if log is not None and not isinstance(log, RequestLog):
+            raise TypeError(f"log= takes a txtask.RequestLog, not {log!r}")
         self._start()
-        return Checkout(_CheckoutCore(self, timeout))
+        return Checkout(_CheckoutCore(self, timeout, log, _caller_site()))
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Deferred[Any]:
         """
@@ -193,16 +210,30 @@ class Client:
         checkout.release()
         return result
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """
-        The pool's state: C{idle}, C{busy} and C{connecting} workers, and
-        C{waiting} checkouts.
+        The pool now and what it did since the client was made.
+
+        @return: A new dict: the integers C{idle}, C{busy} and C{connecting}
+            (workers), C{waiting} (checkouts), C{checkouts_served},
+            C{calls_made} and C{workers_started}; C{calls_failed}, a dict of
+            counts by error class name; C{workers_retired}, a dict of counts
+            by reason: C{error} (refork after an error or a setup failure),
+            C{max_checkouts}, C{death}, C{timeout}, C{abort} (including a
+            cancelled call), C{protocol}, C{stopped} (the server stopped it)
+            and C{closed} (the client closed).
         """
+        counters = self.counters
         return {
             "idle": len(self._idle),
             "busy": len(self._busy),
             "connecting": len(self._connecting),
             "waiting": len(self._waiting),
+            "checkouts_served": counters.checkouts_served,
+            "calls_made": counters.calls_made,
+            "calls_failed": dict(counters.calls_failed),
+            "workers_started": counters.workers_started,
+            "workers_retired": dict(counters.workers_retired),
         }
 
     def close(self) -> Deferred[None]:
@@ -260,18 +291,24 @@ class Client:
         self._busy.discard(connection)
         connection.checkouts += 1
         limit = self.max_checkouts
-        if (
-            retire
-            or self._closed is not None
-            or (limit is not None and connection.checkouts >= limit)
-        ):
+        if retire:
+            reason = "error"
+        elif self._closed is not None:
+            reason = "closed"
+        elif limit is not None and connection.checkouts >= limit:
+            reason = "max_checkouts"
+        else:
+            reason = None
+        if reason is not None:
+            self.counters.retired(reason)
             self._drop(connection)
             return
         connection.send(_wire.DONE)
         self._worker_ready(connection)
 
-    def discard_worker(self, connection: WorkerConnection) -> None:
+    def discard_worker(self, connection: WorkerConnection, reason: str) -> None:
         self._busy.discard(connection)
+        self.counters.retired(reason)
         self._drop(connection)
 
     # The pool itself.
@@ -351,6 +388,7 @@ class Client:
                 "server at {endpoint} is reachable again", endpoint=target.label
             )
         connection.disconnected.addCallback(lambda _: self._gone(target))
+        self.counters.workers_started += 1
         if self._closed is not None:
             connection.close()
             return
@@ -377,9 +415,10 @@ class Client:
     def _gone(self, target: _Target) -> None:
         target.connections -= 1
 
-    def _idle_connection_gone(self, connection: WorkerConnection) -> None:
+    def _idle_connection_gone(self, connection: WorkerConnection, reason: str) -> None:
         if connection in self._idle:
             self._idle.remove(connection)
+            self.counters.retired(reason)
         connection.close()
         self._fill()
 
@@ -401,15 +440,16 @@ class _IdleListener:
             pid=connection.pid,
             verb=message[0],
         )
-        self._client._idle_connection_gone(connection)
+        self._client._idle_connection_gone(connection, "protocol")
 
     def bye_received(self, connection: WorkerConnection) -> None:
-        self._client._idle_connection_gone(connection)
+        self._client._idle_connection_gone(connection, "stopped")
 
     def connection_failed(
         self, connection: WorkerConnection, reason: BaseException
     ) -> None:
-        self._client._idle_connection_gone(connection)
+        kind = "protocol" if isinstance(reason, ProtocolError) else "death"
+        self._client._idle_connection_gone(connection, kind)
 
 
 def _shield(d: Deferred[None]) -> Deferred[None]:
@@ -426,7 +466,7 @@ def _check_count(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
 
 
-def _check_timeout(timeout: object) -> None:
+def _check_timeout(timeout: object, name: str = "timeout") -> None:
     if timeout is None:
         return
     if (
@@ -434,4 +474,20 @@ def _check_timeout(timeout: object) -> None:
         or isinstance(timeout, bool)
         or timeout <= 0
     ):
-        raise ValueError(f"timeout must be a positive number or None, not {timeout!r}")
+        raise ValueError(f"{name} must be a positive number or None, not {timeout!r}")
+
+
+#: This package's directory, to find the first caller frame outside it.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_site() -> str:
+    """
+    The file and line, outside txtask, that asked for a checkout.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    if frame is None:
+        return "an unknown place"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"

@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from txtask import _wire
 from txtask._watch import StatusPage, WorkerWatch
 from txtask.worker import CONNECTION_FD, STATUS_FD
+from txtask.worker import ENTRY as WORKER_ENTRY
 
 
 def import_path(target: str | Callable[..., Any] | ModuleType, role: str) -> str:
@@ -426,7 +427,7 @@ class TaskServer(Service):
             self.reactor.spawnProcess(
                 worker,
                 sys.executable,
-                [sys.executable, "-m", "txtask.worker", json.dumps(config)],
+                [sys.executable, "-c", WORKER_ENTRY, json.dumps(config)],
                 env=dict(os.environ),
                 childFDs={
                     0: "w",

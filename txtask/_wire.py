@@ -196,19 +196,28 @@ class FrameDecoder:
         return len(self._buffer)
 
 
-def _shape(verb: str, *types: type | tuple[type, ...]) -> Callable[[list], list]:
-    length = len(types) + 1
+def _shape(
+    verb: str, *types: type | tuple[type, ...], optional: int = 0
+) -> Callable[[list], list]:
+    """
+    A checker for messages of C{verb} whose fields have C{types}; the last
+    C{optional} fields may be left out.
+    """
+    longest = len(types) + 1
+    shortest = longest - optional
     typed = [
         (position, kind) for position, kind in enumerate(types, 1) if kind is not object
     ]
+    expected = f"{len(types)}" if not optional else f"{shortest - 1} to {len(types)}"
 
     def check(message: list) -> list:
-        if len(message) != length:
+        length = len(message)
+        if not shortest <= length <= longest:
             raise ProtocolError(
-                f"{verb!r} message has {len(message) - 1} fields, expected {len(types)}"
+                f"{verb!r} message has {length - 1} fields, expected {expected}"
             )
         for position, kind in typed:
-            if not isinstance(message[position], kind):
+            if position < length and not isinstance(message[position], kind):
                 raise ProtocolError(
                     f"field {position} of {verb!r} message is "
                     f"{type(message[position]).__name__}, not the expected type"
@@ -219,12 +228,14 @@ def _shape(verb: str, *types: type | tuple[type, ...]) -> Callable[[list], list]
 
 
 _NAME = (str, type(None))
+_NUMBER = (int, float)
 
-#: Messages a worker sends, by verb.
+#: Messages a worker sends, by verb. A reply may end with the events (log
+#: records and timers) the request produced; see L{check_events}.
 WORKER_MESSAGES = {
     "hello": _shape("hello", int, int),
-    "ok": _shape("ok", object),
-    "error": _shape("error", str, str, str, str),
+    "ok": _shape("ok", object, list, optional=1),
+    "error": _shape("error", str, str, str, str, list, optional=1),
     "bye": _shape("bye"),
 }
 
@@ -233,6 +244,26 @@ CLIENT_MESSAGES = {
     "call": _shape("call", _NAME, list, dict),
     "done": _shape("done"),
 }
+
+#: Events a reply carries, by kind: C{["log", time, levelno, logger name,
+#: message, exception text or None]} and C{["timer", name, start, end]},
+#: times in seconds since the epoch.
+EVENTS = {
+    "log": _shape("log", _NUMBER, int, str, str, _NAME),
+    "timer": _shape("timer", str, _NUMBER, _NUMBER),
+}
+
+
+def check_events(events: list) -> list:
+    """
+    Check the events of a reply.
+
+    @return: C{events}, unchanged.
+    @raise ProtocolError: One is not a known event of the right shape.
+    """
+    for event in events:
+        check_message(event, EVENTS)
+    return events
 
 
 def check_message(message: Value, shapes: dict[str, Callable[[list], list]]) -> list:
@@ -269,13 +300,26 @@ DONE = encode(["done"])
 BYE = encode(["bye"])
 
 
-def ok(value: Value) -> bytes:
+def ok(value: Value, events: list | None = None) -> bytes:
+    """
+    @raise TypeError: The value cannot cross the wire.
+    """
+    if events:
+        return encode(["ok", value, events])
     return encode(["ok", value])
 
 
-def error(kind: str, type_name: str, message: str, traceback: str) -> bytes:
+def error(
+    kind: str,
+    type_name: str,
+    message: str,
+    traceback: str,
+    events: list | None = None,
+) -> bytes:
     """
     @param kind: C{"remote"} for an exception in the interface, C{"setup"}
         for one in the setup function.
     """
+    if events:
+        return encode(["error", kind, type_name, message, traceback, events])
     return encode(["error", kind, type_name, message, traceback])

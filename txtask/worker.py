@@ -1,8 +1,9 @@
 """
 The worker: a blocking loop that serves one client connection for life.
 
-The server starts it as C{python -m txtask.worker CONFIG} with the client's
-connection on file descriptor 3 and a control pipe on standard input.
+The server starts it with L{main} (its settings as one argument) with the
+client's connection on file descriptor 3 and a control pipe on standard
+input.
 It says hello (its pid and the protocol version), then answers calls one at
 a time. A checkout is the run of calls up to a C{done} message, after which
 the C{checkout_done} hook runs.
@@ -12,6 +13,10 @@ server closes it (a graceful stop, or the server went away), the worker
 sends C{bye} and exits without taking the call that may be waiting, so the
 client can move that checkout to another worker. Inside a checkout it
 finishes the checkout first.
+
+Records of the standard C{logging} module emitted while a request runs,
+and the timers of L{timer}, go back to the client with the reply; outside
+requests, records go to standard error, which the server logs.
 
 This module never imports Twisted or the client: each worker pays only for
 Python, msgpack and the interface.
@@ -27,6 +32,7 @@ import select
 import socket
 import struct
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +44,11 @@ from txtask.errors import ProtocolError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+#: What C{python -c} runs to start a worker. Importing this module by its
+#: name (not running it with C{-m}) keeps one copy of it, shared with the
+#: interface code that imports it for L{timer}.
+ENTRY = "from txtask.worker import main; main()"
 
 #: The client connection's file descriptor in a worker process.
 CONNECTION_FD = 3
@@ -51,6 +62,90 @@ STATUS_COUNTER = struct.Struct("=Q")
 _RECEIVE_SIZE = 64 * 1024
 
 log = logging.getLogger("txtask.worker")
+
+
+class _Capture(logging.Handler):
+    """
+    The root logger's handler in a worker: while a request runs it keeps
+    records as events for the reply; otherwise they go to standard error.
+
+    The worker's own records (logger C{txtask.worker}) always go to standard
+    error, for the server's log.
+
+    @ivar events: The events of the running request, or C{None} between
+        requests.
+    @ivar kept: While setup runs, its records as events: they go to
+        standard error and, should setup fail, to the callers too.
+    """
+
+    def __init__(self, level: int | str) -> None:
+        super().__init__(level)
+        self.events: list | None = None
+        self.kept: list | None = None
+        self._stderr = logging.StreamHandler(sys.stderr)
+        self._stderr.setFormatter(
+            logging.Formatter("%(levelname)s %(name)s: %(message)s")
+        )
+        self._formatter = logging.Formatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == log.name:
+            self._stderr.emit(record)
+        elif self.events is not None:
+            self.events.append(self._event(record))
+        else:
+            self._stderr.emit(record)
+            if self.kept is not None:
+                self.kept.append(self._event(record))
+
+    def _event(self, record: logging.LogRecord) -> list:
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = f"{record.msg!r} (its arguments did not fit: {record.args!r})"
+        details = []
+        if record.exc_info:
+            details.append(self._formatter.formatException(record.exc_info))
+        elif record.exc_text:
+            details.append(record.exc_text)
+        if record.stack_info:
+            details.append(record.stack_info)
+        return [
+            "log",
+            record.created,
+            record.levelno,
+            record.name,
+            message,
+            "\n".join(details) or None,
+        ]
+
+
+_capture: _Capture | None = None
+
+
+class _Timer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.start = 0.0
+
+    def __enter__(self) -> _Timer:
+        self.start = time.time()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        events = _capture.events if _capture is not None else None
+        if events is not None:
+            events.append(["timer", self.name, self.start, time.time()])
+
+
+def timer(name: str) -> _Timer:
+    """
+    Time a step of the running request: C{with txtask.worker.timer("sql"):}.
+
+    The timer travels back with the reply and lands in the checkout's
+    C{RequestLog}. Outside a request it records nothing.
+    """
+    return _Timer(str(name))
 
 
 class Worker:
@@ -83,9 +178,18 @@ class Worker:
         self._decoder = _wire.FrameDecoder(max_frame_size)
         self._received: deque[list] = deque()
         self._dispatcher: Dispatcher | None = None
-        self._setup_failure: bytes | None = None
+        self._setup_failure: tuple[str, str, str, list] | None = None
         self._checkout_done: Callable[[], Any] | None = None
+        self._title: Callable[[str], None] | None = None
         self.calls = 0
+
+    def show_title(self, title: Callable[[str], None]) -> None:
+        """
+        Keep the process title up to date: C{title} gets C{"idle"} or
+        C{"busy: METHOD"}.
+        """
+        self._title = title
+        title("idle")
 
     def run(self) -> None:
         """
@@ -93,6 +197,11 @@ class Worker:
         peer breaks the protocol.
         """
         self._connection.sendall(_wire.hello(os.getpid()))
+        # Set up while the client sends its first call: outside any request,
+        # so a standby worker is ready before anyone checks it out.
+        self._mark_status()
+        self._setup_failure = self._set_up()
+        self._mark_status()
         in_checkout = False
         try:
             while True:
@@ -153,21 +262,35 @@ class Worker:
 
     def _call(self, method: str | None, args: list, kwargs: dict) -> bytes:
         """
-        Run one call and return the reply frame.
+        Run one call and return the reply frame, with the events the call
+        (and setup, on the first call) produced.
         """
         self.calls += 1
-        if self._dispatcher is None and self._setup_failure is None:
-            self._setup_failure = self._set_up()
+        if self._title is not None:
+            self._title(f"busy: {method or '__call__'}")
+        events: list = []
+        if _capture is not None:
+            _capture.events = events
+        try:
+            return self._run(method, args, kwargs, events)
+        finally:
+            if _capture is not None:
+                _capture.events = None
+            if self._title is not None:
+                self._title("idle")
+
+    def _run(self, method: str | None, args: list, kwargs: dict, events: list) -> bytes:
         if self._setup_failure is not None:
-            return self._setup_failure
+            *error, kept = self._setup_failure
+            return _wire.error("setup", *error, kept + events)
         assert self._dispatcher is not None
 
         try:
             value = self._dispatcher.lookup(method)(*args, **kwargs)
         except Exception as error:
-            return _error_reply("remote", error)
+            return _wire.error("remote", *_describe(error), events)
         try:
-            return _wire.ok(value)
+            return _wire.ok(value, events)
         except TypeError as error:
             name = "the interface" if method is None else f"{method}()"
             return _wire.error(
@@ -176,14 +299,19 @@ class Worker:
                 f"the return value of {name}, of type {type(value).__name__}, "
                 f"cannot be sent back: {error}",
                 "",
+                events,
             )
 
-    def _set_up(self) -> bytes | None:
+    def _set_up(self) -> tuple[str, str, str, list] | None:
         """
         Import the interface and hooks, and run setup: once per worker.
 
-        @return: C{None}, or the setup error reply every call will get.
+        @return: C{None}, or the error every call will get, with the records
+            logged meanwhile.
         """
+        kept: list = []
+        if _capture is not None:
+            _capture.kept = kept
         try:
             if self._setup_path is not None:
                 resolve(self._setup_path)()
@@ -192,7 +320,10 @@ class Worker:
             self._dispatcher = Dispatcher.build(resolve(self._interface_path))
         except Exception as error:
             log.error("worker setup failed: %s: %s", type(error).__name__, error)
-            return _error_reply("setup", error)
+            return (*_describe(error), kept)
+        finally:
+            if _capture is not None:
+                _capture.kept = None
         return None
 
     def _run_checkout_done(self) -> bool:
@@ -212,18 +343,22 @@ class Worker:
         return True
 
 
-def _error_reply(kind: str, error: Exception) -> bytes:
-    return _wire.error(kind, type(error).__name__, str(error), traceback.format_exc())
+def _describe(error: Exception) -> tuple[str, str, str]:
+    """
+    The type name, message and traceback of the exception being handled.
+    """
+    return type(error).__name__, str(error), traceback.format_exc()
 
 
-def _set_title(name: str | None, number: int) -> None:
+def _title_setter(name: str | None, number: int) -> Callable[[str], None] | None:
     if name is None:
-        return
+        return None
     try:
         import setproctitle
     except ImportError:
-        return
-    setproctitle.setproctitle(f"txtask-worker: {name} ({number})")
+        return None
+    prefix = f"txtask-worker: {name} ({number})"
+    return lambda state: setproctitle.setproctitle(f"{prefix} {state}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,17 +366,17 @@ def main(argv: list[str] | None = None) -> None:
     Entry point of a worker process; the server passes its settings as one
     JSON argument.
     """
+    global _capture
     config = json.loads((argv if argv is not None else sys.argv)[1])
 
     # A session of its own lets the server kill the worker together with
     # any process it started.
     os.setsid()
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=config.get("log_level", "INFO"),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    _set_title(config.get("name"), config.get("number", 0))
+    level = config.get("log_level", "INFO")
+    _capture = _Capture(level)
+    root = logging.getLogger()
+    root.addHandler(_capture)
+    root.setLevel(level)
 
     # The descriptor shares its open file with the server's copy, which
     # Twisted made non-blocking; this loop wants to block.
@@ -263,8 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         max_frame_size=config.get("max_frame_size", _wire.DEFAULT_MAX_FRAME_SIZE),
         status=status,
     )
+    title = _title_setter(config.get("name"), config.get("number", 0))
+    if title is not None:
+        worker.show_title(title)
     worker.run()
-
-
-if __name__ == "__main__":
-    main()

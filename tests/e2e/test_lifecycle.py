@@ -13,48 +13,8 @@ import sys
 
 import pytest
 from pytest_twisted import ensureDeferred
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
-from twisted.logger import globalLogPublisher
 
 from txtask import SetupError
-
-
-class _Events:
-    """
-    Collect log events of the global publisher during a test.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self._waiters: list[tuple] = []
-
-    def __call__(self, event: dict) -> None:
-        self.events.append(event)
-        for waiter in list(self._waiters):
-            test, fired = waiter
-            if test(event):
-                self._waiters.remove(waiter)
-                fired.callback(event)
-
-    def wait_for(self, test) -> Deferred:
-        """
-        Fire with the first event, past or future, that passes C{test}.
-        """
-        for event in self.events:
-            if test(event):
-                return succeed(event)
-        fired: Deferred = Deferred()
-        self._waiters.append((test, fired))
-        return fired.addTimeout(10, reactor)
-
-
-@pytest.fixture
-def events():
-    observer = _Events()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
 
 
 @ensureDeferred
