@@ -235,9 +235,12 @@ async def test_twistd_serves_dbi_example(twistd, make_client, tmp_path, monkeypa
 
 
 @ensureDeferred
-async def test_twistd_sigterm_removes_socket(twistd, socket_path):
+async def test_twistd_sigterm_removes_socket(twistd, socket_path, make_client):
     server = await twistd("--interface", "sample")
     assert socket_path.exists()
+    # twistd starts the service before its reactor runs and installs its
+    # signal handlers: a served call shows that it does now.
+    await make_client(min_workers=0).call("pid")
     server.transport.signalProcess("TERM")
     await server.ended
-    assert not socket_path.exists()
+    assert not socket_path.exists(), server.output.decode()
