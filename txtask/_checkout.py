@@ -233,12 +233,15 @@ class _CheckoutCore:
 
         made_at = time.time() if self._request_log is not None else 0.0
         call = _Call(method, frame, Deferred(self._cancel), made_at)
-        self._queue.append(call)
         self._counters.calls_made += 1
         self._idle_since = None
-        if self._running is None and self._worker is not None:
-            self._advance()  # Sends it, which restarts the timer.
+        if self._running is None and self._worker is not None and not self._queue:
+            # The common case, what _advance would do: send it now.
+            self._running = call
+            self._restart_timer()
+            self._worker.send(frame)
         else:
+            self._queue.append(call)
             self._restart_timer()
             self._advance()
         return call.result
@@ -312,7 +315,8 @@ class _CheckoutCore:
             # before the caller's callbacks run and perhaps ask for one.
             self._pause_timer()
             self._call_timer(call)
-            self._advance()
+            if self._queue or self.released:
+                self._advance()
             call.result.callback(message[1])
             return
 

@@ -49,6 +49,15 @@ class Dispatcher:
         self._is_function = isinstance(
             interface, (types.FunctionType, types.BuiltinFunctionType)
         )
+        # Module lookups that passed the rules, by name. A hit still checks
+        # that the module holds the same object, so rebinding a name in the
+        # module is seen at once. Limitation: a name removed from a module's
+        # __all__ after it was first called stays callable in that worker;
+        # rebinding __all__ at run time is not a supported way to revoke it.
+        self._module_hits: dict[str, Any] = {}
+        self._namespace: dict[str, Any] | None = (
+            vars(interface) if isinstance(interface, types.ModuleType) else None
+        )
 
     @classmethod
     def build(cls, interface: Any) -> Dispatcher:
@@ -71,6 +80,11 @@ class Dispatcher:
             if not callable(interface):
                 raise TypeError("the interface is not callable; call a method")
             return interface
+        namespace = self._namespace
+        if namespace is not None:
+            target = self._module_hits.get(method)
+            if target is not None and namespace.get(method) is target:
+                return target
         if not method or method.startswith("_"):
             raise AttributeError(
                 f"method {method!r} is private: names starting with '_' "
@@ -82,6 +96,8 @@ class Dispatcher:
         target = self._find(method)
         if not callable(target):
             raise AttributeError(f"interface attribute {method!r} is not callable")
+        if namespace is not None:
+            self._module_hits[method] = target
         return target
 
     def _find(self, method: str) -> Any:

@@ -89,7 +89,7 @@ class WorkerConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         try:
             for message in self._decoder.feed(data):
-                self._dispatch(_wire.check_message(message, _wire.WORKER_MESSAGES))
+                self._dispatch(_wire.check_worker_message(message))
                 if self._failed:
                     return
         except ProtocolError as error:
@@ -105,7 +105,11 @@ class WorkerConnection(Protocol):
 
     def _dispatch(self, message: list) -> None:
         verb = message[0]
-        if self.pid is None:
+        # A reply, the common case, first; a listener implies the hello.
+        listener = self.listener
+        if (verb == "ok" or verb == "error") and listener is not None:
+            listener.reply_received(self, message)
+        elif self.pid is None:
             if verb != "hello":
                 raise ProtocolError(f"expected hello from the worker, got {verb!r}")
             if message[1] != _wire.PROTOCOL_VERSION:
@@ -124,10 +128,8 @@ class WorkerConnection(Protocol):
             self.transport.loseConnection()
             if listener is not None:
                 listener.bye_received(self)
-        elif self.listener is None:
-            raise ProtocolError(f"{verb!r} message while no call was running")
         else:
-            self.listener.reply_received(self, message)
+            raise ProtocolError(f"{verb!r} message while no call was running")
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._fail(reason.value)

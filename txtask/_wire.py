@@ -35,6 +35,9 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 
 _HEADER = struct.Struct(">I")
+# A frame body smaller than this is sliced off its chunk (a copy) rather than
+# viewed: for small bodies the copy costs less than the view.
+_COPY_BELOW = 4096
 _BIG_INT = 1
 
 
@@ -99,7 +102,15 @@ def decode_body(body: bytes | memoryview) -> Value:
     """
     try:
         try:
-            return _unpack(body)
+            # Spelled out rather than through _unpack: this runs for every
+            # frame on both sides.
+            return msgpack.unpackb(
+                body,
+                raw=False,
+                timestamp=3,
+                strict_map_key=False,
+                ext_hook=_ext_hook,
+            )
         except TypeError:
             # A dict key that was a tuple arrives as an unhashable list; only
             # this rare case pays for rebuilding every dict in Python.
@@ -161,6 +172,8 @@ class FrameDecoder:
         if not self._buffer and len(data) >= 4:
             (size,) = _HEADER.unpack_from(data)
             if size + 4 == len(data) and size <= self.max_frame_size:
+                if size < _COPY_BELOW:
+                    return [decode_body(data[4:])]
                 with memoryview(data) as view:
                     return [decode_body(view[4:])]
         if self._buffer:
@@ -283,6 +296,33 @@ def check_message(message: Value, shapes: dict[str, Callable[[list], list]]) -> 
     return check(message)
 
 
+def check_client_message(message: Value) -> list:
+    """
+    L{check_message} against L{CLIENT_MESSAGES}, with the common case, a
+    call, checked inline.
+    """
+    if (
+        type(message) is list
+        and len(message) == 4
+        and message[0] == "call"
+        and (message[1] is None or type(message[1]) is str)
+        and type(message[2]) is list
+        and type(message[3]) is dict
+    ):
+        return message
+    return check_message(message, CLIENT_MESSAGES)
+
+
+def check_worker_message(message: Value) -> list:
+    """
+    L{check_message} against L{WORKER_MESSAGES}, with the common case, a
+    successful reply without events, checked inline.
+    """
+    if type(message) is list and len(message) == 2 and message[0] == "ok":
+        return message
+    return check_message(message, WORKER_MESSAGES)
+
+
 def hello(pid: int) -> bytes:
     return encode(["hello", PROTOCOL_VERSION, pid])
 
@@ -293,7 +333,8 @@ def call(method: str | None, args: list | tuple, kwargs: dict) -> bytes:
 
     @raise TypeError: An argument cannot cross the wire.
     """
-    return encode(["call", method, list(args), kwargs])
+    # msgpack writes a tuple as an array, as it does a list.
+    return encode(["call", method, args, kwargs])
 
 
 DONE = encode(["done"])

@@ -214,7 +214,7 @@ class Worker:
                 if message[0] == "call":
                     in_checkout = True
                     self._mark_status()
-                    reply = self._call(*message[1:])
+                    reply = self._call(message[1], message[2], message[3])
                     self._mark_status()
                     self._connection.sendall(reply)
                 else:
@@ -245,7 +245,8 @@ class Worker:
         return not os.read(self._control_fd, 4096)
 
     def _receive(self) -> list | None:
-        while not self._received:
+        received = self._received
+        while not received:
             data = self._connection.recv(_RECEIVE_SIZE)
             if not data:
                 if self._decoder.pending:
@@ -254,11 +255,11 @@ class Worker:
                         f"{self._decoder.pending} bytes short"
                     )
                 return None
-            for message in self._decoder.feed(data):
-                self._received.append(
-                    _wire.check_message(message, _wire.CLIENT_MESSAGES)
-                )
-        return self._received.popleft()
+            messages = self._decoder.feed(data)
+            if len(messages) == 1:
+                return _wire.check_client_message(messages[0])
+            received.extend(map(_wire.check_client_message, messages))
+        return received.popleft()
 
     def _call(self, method: str | None, args: list, kwargs: dict) -> bytes:
         """
