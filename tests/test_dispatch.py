@@ -84,6 +84,19 @@ def test_dispatcher_module_refuses_a_missing_method(hasher: types.ModuleType) ->
         Dispatcher(hasher).lookup("crack")
 
 
+def test_dispatcher_module_sees_a_rebound_name(hasher: types.ModuleType) -> None:
+    """A name rebound after its first call is checked afresh, not remembered."""
+    dispatcher = Dispatcher(hasher)
+    assert dispatcher.lookup("hash")("pw") == "pw:1"
+
+    hasher.hash = os.path.join
+    with pytest.raises(AttributeError, match="no method 'hash'"):
+        dispatcher.lookup("hash")
+    del hasher.hash
+    with pytest.raises(AttributeError, match="no method 'hash'"):
+        dispatcher.lookup("hash")
+
+
 def test_dispatcher_module_with_all_calls_only_listed_names(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
