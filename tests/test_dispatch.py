@@ -15,6 +15,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from fakes import decode_frames, make_module
 
 from txtask import _wire
 from txtask._dispatch import Dispatcher, resolve
-from txtask.worker import STATUS_COUNTER, Worker
+from txtask.worker import STATUS_COUNTER, Worker, _Descriptor
 
 # Dispatcher: modules
 
@@ -327,7 +328,8 @@ class Connection:
         sent back.
         """
         self.client.shutdown(socket.SHUT_WR)
-        Worker(self.worker, self.control_read, interface, **options).run()
+        served = _Descriptor(self.worker.fileno())
+        Worker(served, self.control_read, interface, **options).run()
 
         # Shut down rather than close: closing with the client's frames
         # unread would reset the connection before the replies are read.
@@ -645,3 +647,29 @@ def test_worker_marks_its_status_page_odd_while_a_call_runs(
         replies = connection.serve(SERVICE, status=page)
         assert replies[1:] == [["ok", 3], ["ok", 5]]
         assert STATUS_COUNTER.unpack_from(page)[0] == 6
+
+
+def test_descriptor_sends_all_of_a_large_frame() -> None:
+    """Bytes beyond one write()'s worth (a full socket buffer) still go out."""
+    ours, theirs = socket.socketpair()
+    payload = os.urandom(4 * 1024 * 1024)
+    received = bytearray()
+
+    def read() -> None:
+        while chunk := ours.recv(65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    _Descriptor(theirs.fileno()).sendall(payload)
+    theirs.close()
+    reader.join(timeout=10)
+    ours.close()
+    assert bytes(received) == payload
+
+
+def test_descriptor_receives_what_was_sent() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(b"frame")
+        assert _Descriptor(theirs.fileno()).recv(100) == b"frame"

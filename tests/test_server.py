@@ -42,7 +42,13 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from txtask._server import TaskServer, import_path
-from txtask.worker import CONNECTION_FD, ENTRY, STATUS_COUNTER, STATUS_FD
+from txtask.worker import (
+    CONNECTION_FD,
+    ENTRY,
+    STATUS_COUNTER,
+    STATUS_FD,
+    decode_settings,
+)
 
 
 class Harness:
@@ -347,7 +353,7 @@ def test_server_spawns_a_worker_for_each_connection(harness: Harness) -> None:
     [process] = harness.processes
     assert process.executable == sys.executable
     assert process.args[:3] == [sys.executable, "-c", ENTRY]
-    assert json.loads(process.args[3]) == {
+    assert decode_settings(process.args[3]) == {
         "interface": "myapp.hasher",
         "setup": "myapp.hasher:setup",
         "checkout_done": "myapp.db:rollback",
@@ -377,7 +383,7 @@ def test_server_numbers_its_workers(harness: Harness) -> None:
     harness.start()
     harness.connect()
     harness.connect()
-    numbers = [json.loads(p.args[3])["number"] for p in harness.processes]
+    numbers = [decode_settings(p.args[3])["number"] for p in harness.processes]
     assert numbers == [1, 2]
 
 

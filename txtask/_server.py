@@ -22,7 +22,6 @@ pipe, and after C{shutdown_grace} seconds kills what is left.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import sys
@@ -43,7 +42,7 @@ from twisted.python.failure import Failure
 
 from txtask import _wire
 from txtask._watch import StatusPage, WorkerWatch
-from txtask.worker import CONNECTION_FD, STATUS_FD
+from txtask.worker import CONNECTION_FD, STATUS_FD, encode_settings
 from txtask.worker import ENTRY as WORKER_ENTRY
 
 
@@ -427,7 +426,7 @@ class TaskServer(Service):
             self.reactor.spawnProcess(
                 worker,
                 sys.executable,
-                [sys.executable, "-c", WORKER_ENTRY, json.dumps(config)],
+                [sys.executable, "-c", WORKER_ENTRY, encode_settings(config)],
                 env=dict(os.environ),
                 childFDs={
                     0: "w",

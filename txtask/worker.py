@@ -19,23 +19,22 @@ and the timers of L{timer}, go back to the client with the reply; outside
 requests, records go to standard error, which the server logs.
 
 This module never imports Twisted or the client: each worker pays only for
-Python, msgpack and the interface.
+Python, msgpack and the interface. It does not import C{logging} or
+C{socket} either; the capture of records starts when C{logging} is first
+imported, by the interface or anything else.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import mmap
 import os
 import select
-import socket
 import struct
 import sys
 import time
-import traceback
 from collections import deque
-from collections.abc import Callable
+
+import msgpack
 
 from txtask import _wire
 from txtask._dispatch import Dispatcher, resolve
@@ -43,7 +42,20 @@ from txtask.errors import ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    import importlib.machinery
+    from collections.abc import Callable
+    from types import ModuleType
+    from typing import Any, Protocol
+
+    class Connection(Protocol):
+        """
+        What the worker needs of its connection: a socket, or L{_Descriptor}.
+        """
+
+        def fileno(self) -> int: ...
+        def recv(self, size: int) -> bytes: ...
+        def sendall(self, data: bytes) -> None: ...
+
 
 #: What C{python -c} runs to start a worker. Importing this module by its
 #: name (not running it with C{-m}) keeps one copy of it, shared with the
@@ -61,66 +73,26 @@ STATUS_COUNTER = struct.Struct("=Q")
 # buffer from the heap rather than mapping and unmapping fresh pages.
 _RECEIVE_SIZE = 64 * 1024
 
-log = logging.getLogger("txtask.worker")
+#: The logger of the worker's own records, which go to standard error.
+LOGGER_NAME = "txtask.worker"
 
 
-class _Capture(logging.Handler):
+class _Recording:
     """
-    The root logger's handler in a worker: while a request runs it keeps
-    records as events for the reply; otherwise they go to standard error.
-
-    The worker's own records (logger C{txtask.worker}) always go to standard
-    error, for the server's log.
+    Where the events of the running request go.
 
     @ivar events: The events of the running request, or C{None} between
         requests.
-    @ivar kept: While setup runs, its records as events: they go to
+    @ivar kept: While setup runs, its log records as events: they go to
         standard error and, should setup fail, to the callers too.
     """
 
-    def __init__(self, level: int | str) -> None:
-        super().__init__(level)
+    def __init__(self) -> None:
         self.events: list | None = None
         self.kept: list | None = None
-        self._stderr = logging.StreamHandler(sys.stderr)
-        self._stderr.setFormatter(
-            logging.Formatter("%(levelname)s %(name)s: %(message)s")
-        )
-        self._formatter = logging.Formatter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name == log.name:
-            self._stderr.emit(record)
-        elif self.events is not None:
-            self.events.append(self._event(record))
-        else:
-            self._stderr.emit(record)
-            if self.kept is not None:
-                self.kept.append(self._event(record))
-
-    def _event(self, record: logging.LogRecord) -> list:
-        try:
-            message = record.getMessage()
-        except Exception:
-            message = f"{record.msg!r} (its arguments did not fit: {record.args!r})"
-        details = []
-        if record.exc_info:
-            details.append(self._formatter.formatException(record.exc_info))
-        elif record.exc_text:
-            details.append(record.exc_text)
-        if record.stack_info:
-            details.append(record.stack_info)
-        return [
-            "log",
-            record.created,
-            record.levelno,
-            record.name,
-            message,
-            "\n".join(details) or None,
-        ]
 
 
-_capture: _Capture | None = None
+_recording = _Recording()
 
 
 class _Timer:
@@ -133,7 +105,7 @@ class _Timer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        events = _capture.events if _capture is not None else None
+        events = _recording.events
         if events is not None:
             events.append(["timer", self.name, self.start, time.time()])
 
@@ -157,7 +129,7 @@ class Worker:
 
     def __init__(
         self,
-        connection: socket.socket,
+        connection: Connection,
         control_fd: int,
         interface: str,
         setup: str | None = None,
@@ -223,7 +195,7 @@ class Worker:
                         self._connection.sendall(_wire.BYE)
                         return
         except ProtocolError as error:
-            log.error("closing the connection: %s: %s", type(error).__name__, error)
+            _log_error("closing the connection: %s: %s", type(error).__name__, error)
         except (ConnectionError, BrokenPipeError):
             return
 
@@ -270,13 +242,11 @@ class Worker:
         if self._title is not None:
             self._title(f"busy: {method or '__call__'}")
         events: list = []
-        if _capture is not None:
-            _capture.events = events
+        _recording.events = events
         try:
             return self._run(method, args, kwargs, events)
         finally:
-            if _capture is not None:
-                _capture.events = None
+            _recording.events = None
             if self._title is not None:
                 self._title("idle")
 
@@ -311,8 +281,7 @@ class Worker:
             logged meanwhile.
         """
         kept: list = []
-        if _capture is not None:
-            _capture.kept = kept
+        _recording.kept = kept
         try:
             if self._setup_path is not None:
                 resolve(self._setup_path)()
@@ -320,11 +289,10 @@ class Worker:
                 self._checkout_done = resolve(self._checkout_done_path)
             self._dispatcher = Dispatcher.build(resolve(self._interface_path))
         except Exception as error:
-            log.error("worker setup failed: %s: %s", type(error).__name__, error)
+            _log_error("worker setup failed: %s: %s", type(error).__name__, error)
             return (*_describe(error), kept)
         finally:
-            if _capture is not None:
-                _capture.kept = None
+            _recording.kept = None
         return None
 
     def _run_checkout_done(self) -> bool:
@@ -339,7 +307,7 @@ class Worker:
         try:
             self._checkout_done()
         except Exception:
-            log.exception("checkout_done failed; this worker will exit")
+            _log_error("checkout_done failed; this worker will exit", exc_info=True)
             return False
         return True
 
@@ -348,6 +316,8 @@ def _describe(error: Exception) -> tuple[str, str, str]:
     """
     The type name, message and traceback of the exception being handled.
     """
+    import traceback
+
     return type(error).__name__, str(error), traceback.format_exc()
 
 
@@ -362,27 +332,120 @@ def _title_setter(name: str | None, number: int) -> Callable[[str], None] | None
     return lambda state: setproctitle.setproctitle(f"{prefix} {state}")
 
 
+class _Descriptor:
+    """
+    The client connection as a bare file descriptor: the few socket methods
+    the worker uses, without importing the C{socket} module.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def recv(self, size: int) -> bytes:
+        return os.read(self._fd, size)
+
+    def sendall(self, data: bytes) -> None:
+        with memoryview(data) as view:
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+
+def _log_error(message: str, *args: object, exc_info: bool = False) -> None:
+    """
+    Log one of the worker's own errors, which go to standard error.
+    """
+    import logging
+
+    logging.getLogger(LOGGER_NAME).error(message, *args, exc_info=exc_info)
+
+
+def _capture_logging(level: str) -> None:
+    """
+    Capture log records once the C{logging} module is imported, by anyone.
+
+    Importing C{logging} costs a worker several milliseconds of start-up,
+    and many interfaces never use it; until one does, there is nothing to
+    capture.
+    """
+    if "logging" in sys.modules:
+        _start_capture(sys.modules["logging"], level)
+    else:
+        sys.meta_path.insert(0, _LoggingImport(level))
+
+
+def _start_capture(logging: ModuleType, level: str) -> None:
+    from txtask._worklog import Capture
+
+    root = logging.getLogger()
+    root.addHandler(Capture(_recording, level, LOGGER_NAME))
+    root.setLevel(level)
+
+
+class _LoggingImport:
+    """
+    An import hook that starts the capture as soon as C{logging} has been
+    imported, before the importer gets the module, and then leaves.
+    """
+
+    def __init__(self, level: str) -> None:
+        self._level = level
+
+    def find_spec(
+        self, name: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name != "logging":
+            return None
+        sys.meta_path.remove(self)
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+        level = self._level
+
+        def exec_module(module: ModuleType) -> None:
+            load(module)
+            _start_capture(module, level)
+
+        # The loader is this spec's own instance.
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def encode_settings(settings: dict[str, Any]) -> str:
+    """
+    The worker's settings as its one command-line argument.
+    """
+    return msgpack.packb(settings).hex()
+
+
+def decode_settings(argument: str) -> dict[str, Any]:
+    """
+    The settings L{encode_settings} wrote.
+    """
+    return msgpack.unpackb(bytes.fromhex(argument))
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     Entry point of a worker process; the server passes its settings as one
-    JSON argument.
+    argument written by L{encode_settings}.
     """
-    global _capture
-    config = json.loads((argv if argv is not None else sys.argv)[1])
+    config = decode_settings((argv if argv is not None else sys.argv)[1])
 
     # A session of its own lets the server kill the worker together with
     # any process it started.
     os.setsid()
-    level = config.get("log_level", "INFO")
-    _capture = _Capture(level)
-    root = logging.getLogger()
-    root.addHandler(_capture)
-    root.setLevel(level)
+    _capture_logging(config.get("log_level", "INFO"))
 
     # The descriptor shares its open file with the server's copy, which
     # Twisted made non-blocking; this loop wants to block.
-    connection = socket.socket(fileno=CONNECTION_FD)
-    connection.setblocking(True)
+    os.set_blocking(CONNECTION_FD, True)
+    connection = _Descriptor(CONNECTION_FD)
     try:
         # The map holds its own duplicate of the descriptor.
         status = mmap.mmap(STATUS_FD, STATUS_COUNTER.size)

@@ -182,6 +182,14 @@ async def test_worker_never_imports_twisted(start_server, make_client):
     assert await client.call("twisted_loaded") == []
 
 
+@ensureDeferred
+async def test_worker_starts_without_logging_socket_or_json(start_server, make_client):
+    """Start-up is Python, msgpack and the interface: nothing it may not need."""
+    await start_server()
+    client = make_client()
+    assert await client.call("loaded", "logging", "socket", "json") == []
+
+
 @pytest.mark.parametrize(
     ("interface", "method", "args", "expected"),
     [

@@ -49,6 +49,23 @@ async def test_worker_records_reach_client_log_with_fields(
 
 
 @ensureDeferred
+async def test_records_are_captured_once_logging_is_first_imported(
+    start_server, make_client, events
+):
+    """A worker starts without logging; the call that imports it is captured."""
+    await start_server("sample")
+    client = make_client(min_workers=1)
+    checkout = client.checkout(timeout=10)
+    assert await checkout.loaded("logging") == []
+    assert await checkout.log_after_importing_logging("late") == "late"
+    checkout.release()
+
+    [record] = _remote(events, "txtask.remote.sample.late")
+    assert record["message"] == "late"
+    assert record["method"] == "log_after_importing_logging"
+
+
+@ensureDeferred
 async def test_records_of_a_failing_call_arrive_with_exception_text(
     start_server, make_client, events
 ):

@@ -100,3 +100,14 @@ def open_fds():
         for name in os.listdir("/proc/self/fd")
         if os.path.exists(f"/proc/self/fd/{name}")
     }
+
+
+def loaded(*names):
+    return [name for name in names if name in sys.modules]
+
+
+def log_after_importing_logging(message):
+    import logging
+
+    logging.getLogger("sample.late").warning(message)
+    return message
