@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pytest_twisted import ensureDeferred
@@ -188,17 +189,20 @@ def test_demo_prints_both_examples():
     ]
 
 
-def test_twistd_lists_plugin():
+def test_twistd_lists_plugin(tmp_path):
+    """
+    The installed twistd script finds the plugin as a user runs it: from any
+    directory, with no PYTHONPATH. (An editable install hides the plugin from
+    twistd, which is why the README installs the package normally.)
+    """
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     output = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "--help",
-        ],
+        [str(Path(sys.executable).parent / "twistd"), "--help"],
         capture_output=True,
         text=True,
         check=True,
+        cwd=tmp_path,
+        env=env,
     ).stdout
     assert any(line.split()[:1] == ["txtask"] for line in output.splitlines())
 
