@@ -28,6 +28,7 @@ from fakes import (
     outcomes,
 )
 from twisted.application.service import IService
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError, ConnectionDone, ProcessDone
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -299,6 +300,27 @@ def test_server_listens_on_tcp(harness: Harness) -> None:
     harness.start(listen="tcp:7000:interface=127.0.0.1")
     [(port, _, _, interface)] = harness.reactor.tcpServers
     assert (port, interface) == (7000, "127.0.0.1")
+
+
+def test_server_listens_on_tcp_loopback_unless_told_otherwise(
+    harness: Harness,
+) -> None:
+    harness.start(listen="tcp:7000")
+    harness.start(listen="tcp:7001:interface=0.0.0.0")
+    interfaces = [(port, host) for port, _, _, host in harness.reactor.tcpServers]
+    assert interfaces == [(7000, "127.0.0.1"), (7001, "0.0.0.0")]
+
+
+def test_server_listens_on_an_endpoint_object_as_it_is(harness: Harness) -> None:
+    endpoint = TCP4ServerEndpoint(harness.reactor, 7002, interface="0.0.0.0")
+    harness.start(listen=endpoint)
+    [(port, _, _, interface)] = harness.reactor.tcpServers
+    assert (port, interface) == (7002, "0.0.0.0")
+
+
+def test_server_refuses_a_listen_that_is_no_endpoint() -> None:
+    with pytest.raises(TypeError, match="7000"):
+        TaskServer("myapp", listen=7000, reactor=MemoryReactorClock())
 
 
 def test_server_listening_fires_with_the_port(harness: Harness) -> None:

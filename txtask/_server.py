@@ -35,12 +35,17 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txtask import _wire
+from txtask._listen import is_unix, safe_description
 from txtask._watch import StatusPage, WorkerWatch
 from txtask.worker import CONNECTION_FD, STATUS_FD, encode_settings
 from txtask.worker import ENTRY as WORKER_ENTRY
@@ -202,7 +207,7 @@ class TaskServer(Service):
     def __init__(
         self,
         interface: str | Callable[..., Any] | ModuleType,
-        listen: str = "unix:txtask.sock",
+        listen: str | IStreamServerEndpoint = "unix:txtask.sock",
         setup: str | Callable[[], Any] | None = None,
         checkout_done: str | Callable[[], Any] | None = None,
         name: str | None = None,
@@ -216,9 +221,11 @@ class TaskServer(Service):
         """
         @param interface: Import path (C{package.module} or
             C{package.module:attribute}) or object of the interface.
-        @param listen: A Twisted server endpoint description. A unix socket
-            is made readable and writable by its owner only unless the
-            description sets C{mode=}.
+        @param listen: A Twisted server endpoint description, or an
+            endpoint object, used as it is. A unix socket is made readable
+            and writable by its owner only unless the description sets
+            C{mode=}; C{tcp}, C{tcp6} and C{ssl} bind to the loopback
+            interface unless the description sets C{interface=}.
         @param setup: Import path or function run once in each worker before
             its first call.
         @param checkout_done: Import path or function run in the worker each
@@ -233,6 +240,13 @@ class TaskServer(Service):
         @param max_frame_size: Largest frame a worker accepts, in bytes.
         @param reactor: The reactor; the global one by default.
         """
+        if not isinstance(listen, str) and not IStreamServerEndpoint.providedBy(
+            listen
+        ):
+            raise TypeError(
+                f"listen must be an endpoint description such as "
+                f"'unix:txtask.sock' or a server endpoint, not {listen!r}"
+            )
         if not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError(
                 f"max_workers must be an integer >= 1, not {max_workers!r}"
@@ -294,18 +308,18 @@ class TaskServer(Service):
         if self.name is not None:
             setproctitle.setproctitle(f"txtask-server: {self.name}")
         self._watch = WorkerWatch(self.reactor, self.hung_worker_timeout)
-        description = self.listen
-        is_unix = description.startswith("unix:")
-        if is_unix and ":mode=" not in description:
-            description += ":mode=600"
+        if isinstance(self.listen, str):
+            description = safe_description(self.listen)
+            endpoint = serverFromString(self.reactor, description)
+            unix = is_unix(description)
+        else:
+            endpoint, unix = self.listen, False
 
         # Bind under a strict umask so the socket is never, even briefly,
         # open to other users; the reactor is not running other code here.
-        old_umask = os.umask(0o177) if is_unix else None
+        old_umask = os.umask(0o177) if unix else None
         try:
-            listened = serverFromString(self.reactor, description).listen(
-                Factory.forProtocol(lambda: _Connection(self))
-            )
+            listened = endpoint.listen(Factory.forProtocol(lambda: _Connection(self)))
         finally:
             if old_umask is not None:
                 os.umask(old_umask)
