@@ -154,6 +154,34 @@ def test_worker_connection_passes_several_replies_in_one_chunk() -> None:
     assert listener.events[-1][2] == ["ok", 3]
 
 
+def test_worker_connection_refuses_a_reply_in_the_chunk_that_prompted_a_call() -> None:
+    """
+    A reply in the same chunk as the event that made the client send a call
+    was sent before the worker could read that call: it answers nothing.
+    """
+
+    class CallsOnReply(Listener):
+        def reply_received(self, connection: WorkerConnection, message: list) -> None:
+            super().reply_received(connection, message)
+            connection.send(_wire.call("next", [], {}))
+
+    worker = FakeWorker.connected(Clock())
+    listener = CallsOnReply()
+    worker.protocol.listener = listener
+    worker.protocol.send(_wire.call("first", [], {}))
+    worker.protocol.dataReceived(_wire.ok(1) + _wire.ok(2))
+    assert [event[0] for event in listener.events] == ["reply", "failed"]
+    assert "before the worker could read the call" in str(listener.events[1][2])
+    # The same reply in a chunk of its own is the answer to "next".
+    worker = FakeWorker.connected(Clock())
+    listener = CallsOnReply()
+    worker.protocol.listener = listener
+    worker.protocol.send(_wire.call("first", [], {}))
+    worker.protocol.dataReceived(_wire.ok(1))
+    worker.protocol.dataReceived(_wire.ok(2))
+    assert [event[0] for event in listener.events] == ["reply", "reply"]
+
+
 def test_worker_connection_send_writes_the_frame() -> None:
     worker, _ = held(Clock())
     worker.protocol.send(_wire.call("hash", ["pw"], {}))

@@ -483,3 +483,18 @@ def test_check_message_turns_any_decoded_value_into_a_message_or_protocol_error(
             _wire.check_message(value, _wire.CLIENT_MESSAGES)
     except ProtocolError:
         pass
+
+
+@BOUNDED
+@given(st.binary(max_size=400), st.data())
+def test_frame_decoder_holds_no_more_than_one_frame_of_garbage(
+    garbage: bytes, data: st.DataObject
+) -> None:
+    """Whatever arrives, the decoder keeps at most one frame's worth of it."""
+    decoder = _wire.FrameDecoder(max_frame_size=64)
+    try:
+        for chunk in data.draw(chunkings(garbage)):
+            decoder.feed(chunk)
+            assert decoder.pending <= 4 + 64
+    except ProtocolError:
+        pass

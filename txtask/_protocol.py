@@ -70,11 +70,17 @@ class WorkerConnection(Protocol):
         self.endpoint_label = endpoint_label
         self._decoder = _wire.FrameDecoder(max_frame_size)
         self._failed = False
+        # Which chunk of received data was being handled when the latest
+        # frame was sent. A reply in that same chunk was on its way before
+        # the worker could read the frame, so it answers nothing.
+        self._chunk = 0
+        self._sent_in_chunk = -1
 
     def send(self, frame: bytes) -> None:
         """
         Send an encoded frame to the worker.
         """
+        self._sent_in_chunk = self._chunk
         self.transport.write(frame)
 
     def close(self) -> None:
@@ -87,6 +93,7 @@ class WorkerConnection(Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        self._chunk += 1
         try:
             for message in self._decoder.feed(data):
                 self._dispatch(_wire.check_worker_message(message))
@@ -108,6 +115,10 @@ class WorkerConnection(Protocol):
         # A reply, the common case, first; a listener implies the hello.
         listener = self.listener
         if (verb == "ok" or verb == "error") and listener is not None:
+            if self._sent_in_chunk == self._chunk:
+                raise ProtocolError(
+                    f"{verb!r} message sent before the worker could read the call"
+                )
             listener.reply_received(self, message)
         elif self.pid is None:
             if verb != "hello":

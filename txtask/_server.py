@@ -240,9 +240,7 @@ class TaskServer(Service):
         @param max_frame_size: Largest frame a worker accepts, in bytes.
         @param reactor: The reactor; the global one by default.
         """
-        if not isinstance(listen, str) and not IStreamServerEndpoint.providedBy(
-            listen
-        ):
+        if not isinstance(listen, str) and not IStreamServerEndpoint.providedBy(listen):
             raise TypeError(
                 f"listen must be an endpoint description such as "
                 f"'unix:txtask.sock' or a server endpoint, not {listen!r}"

@@ -124,7 +124,18 @@ def decode_body(body: bytes | memoryview) -> Value:
         RecursionError,
         msgpack.UnpackException,
     ) as error:
-        raise ProtocolError(f"undecodable frame: {error}") from error
+        raise ProtocolError(f"undecodable frame: {_explain(error)}") from error
+
+
+def _explain(error: Exception) -> str:
+    # Some of msgpack's errors carry no text; their class says it all.
+    if isinstance(error, msgpack.StackError):
+        return "containers nested too deeply"
+    if isinstance(error, msgpack.FormatError):
+        return "not msgpack (a byte no msgpack value starts with)"
+    if isinstance(error, RecursionError):
+        return "containers nested too deeply"
+    return str(error) or type(error).__name__
 
 
 def _unpack(body: bytes | memoryview, **options: Any) -> Value:
