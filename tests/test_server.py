@@ -370,6 +370,7 @@ def test_server_spawns_a_worker_for_each_connection(harness: Harness) -> None:
         name="hasher",
         log_level="DEBUG",
         max_frame_size=1024,
+        worker_memory_limit=2**28,
     )
     harness.connect()
     [process] = harness.processes
@@ -383,6 +384,7 @@ def test_server_spawns_a_worker_for_each_connection(harness: Harness) -> None:
         "number": 1,
         "log_level": "DEBUG",
         "max_frame_size": 1024,
+        "memory_limit": 2**28,
     }
 
 

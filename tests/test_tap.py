@@ -36,6 +36,8 @@ def test_options_defaults() -> None:
         "max-workers": 64,
         "shutdown-grace": 30,
         "log-level": "INFO",
+        "max-frame-size": 64 * 1024 * 1024,
+        "worker-memory-limit": None,
     }
 
 
@@ -50,6 +52,8 @@ def test_options_parse_every_option() -> None:
         "--max-workers=8",
         "--shutdown-grace=0",
         "--log-level=debug",
+        "--max-frame-size=1M",
+        "--worker-memory-limit=512m",
     )
     assert options["interface"] == "myapp.hasher:Hasher"
     assert options["listen"] == "tcp:7000:interface=127.0.0.1"
@@ -60,6 +64,8 @@ def test_options_parse_every_option() -> None:
     assert options["max-workers"] == 8
     assert options["shutdown-grace"] == 0
     assert options["log-level"] == "debug"
+    assert options["max-frame-size"] == 2**20
+    assert options["worker-memory-limit"] == 512 * 2**20
 
 
 def test_options_short_names() -> None:
@@ -79,6 +85,10 @@ def test_options_short_names() -> None:
         ["--shutdown-grace=soon"],
         ["--hung-worker-timeout=0"],
         ["--hung-worker-timeout=-3"],
+        ["--max-frame-size=0"],
+        ["--max-frame-size=big"],
+        ["--worker-memory-limit=-1G"],
+        ["--worker-memory-limit=1T"],
         ["--unknown-option"],
     ],
     ids=" ".join,
@@ -106,6 +116,8 @@ def test_make_service_builds_a_task_server_from_the_options() -> None:
             "--max-workers=3",
             "--shutdown-grace=5",
             "--log-level=warning",
+            "--max-frame-size=4096",
+            "--worker-memory-limit=1G",
         )
     )
     assert IService.providedBy(service)
@@ -120,6 +132,8 @@ def test_make_service_builds_a_task_server_from_the_options() -> None:
     assert service.max_workers == 3
     assert service.shutdown_grace == 5
     assert service.log_level == "WARNING"
+    assert service.max_frame_size == 4096
+    assert service.worker_memory_limit == 2**30
 
 
 def test_make_service_does_not_listen() -> None:

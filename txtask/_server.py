@@ -216,6 +216,7 @@ class TaskServer(Service):
         shutdown_grace: float = 30,
         log_level: str = "INFO",
         max_frame_size: int = _wire.DEFAULT_MAX_FRAME_SIZE,
+        worker_memory_limit: int | None = None,
         reactor: Any = None,
     ) -> None:
         """
@@ -238,6 +239,10 @@ class TaskServer(Service):
             before killing them.
         @param log_level: Lowest level of worker log records captured.
         @param max_frame_size: Largest frame a worker accepts, in bytes.
+        @param worker_memory_limit: Most address space a worker may use, in
+            bytes (C{RLIMIT_AS}); C{None}: no limit. A call that runs out
+            fails with a L{RemoteError} of type C{MemoryError} and its worker
+            exits once the checkout ends.
         @param reactor: The reactor; the global one by default.
         """
         if not isinstance(listen, str) and not IStreamServerEndpoint.providedBy(listen):
@@ -254,6 +259,14 @@ class TaskServer(Service):
                 f"hung_worker_timeout must be positive or None, "
                 f"not {hung_worker_timeout!r}"
             )
+        for setting, value in [
+            ("max_frame_size", max_frame_size),
+            ("worker_memory_limit", worker_memory_limit),
+        ]:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"{setting} must be a positive number of bytes, not {value!r}"
+                )
         if shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must be >= 0, not {shutdown_grace!r}")
         self.interface = import_path(interface, "interface")
@@ -270,6 +283,7 @@ class TaskServer(Service):
         self.shutdown_grace = shutdown_grace
         self.log_level = log_level
         self.max_frame_size = max_frame_size
+        self.worker_memory_limit = worker_memory_limit
         self._reactor = reactor
         self.listening: Deferred[IListeningPort] = Deferred()
         self._port: IListeningPort | None = None
@@ -433,6 +447,7 @@ class TaskServer(Service):
             "number": number,
             "log_level": self.log_level,
             "max_frame_size": self.max_frame_size,
+            "memory_limit": self.worker_memory_limit,
         }
         try:
             self.reactor.spawnProcess(

@@ -7,7 +7,24 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.python import usage
 
+from txtask import _wire
 from txtask._server import TaskServer
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _size(value: str) -> int:
+    """
+    A size in bytes, with an optional K, M or G suffix (powers of 1024).
+    """
+    number, unit = value, ""
+    if value[-1:].upper() in _UNITS:
+        number, unit = value[:-1], value[-1].upper()
+    size = int(number) * _UNITS[unit]
+    if size < 1:
+        raise ValueError(f"expected a positive size, got {value!r}")
+    return size
 
 
 def _positive(value: str) -> float:
@@ -72,6 +89,22 @@ class Options(usage.Options):
             float,
         ],
         [
+            "max-frame-size",
+            None,
+            _wire.DEFAULT_MAX_FRAME_SIZE,
+            "Largest message a worker accepts, in bytes (K, M, G suffixes "
+            "allowed); a client sending more loses its worker.",
+            _size,
+        ],
+        [
+            "worker-memory-limit",
+            None,
+            None,
+            "Most memory (address space) each worker may use, such as 512M; "
+            "a call that needs more fails with MemoryError. Default: no limit.",
+            _size,
+        ],
+        [
             "log-level",
             None,
             "INFO",
@@ -111,4 +144,6 @@ def makeService(options: Options) -> IService:
         max_workers=options["max-workers"],
         shutdown_grace=options["shutdown-grace"],
         log_level=options["log-level"].upper(),
+        max_frame_size=options["max-frame-size"],
+        worker_memory_limit=options["worker-memory-limit"],
     )

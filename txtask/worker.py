@@ -125,6 +125,8 @@ class Worker:
     Serve calls from one connection until it closes or the server says stop.
 
     @ivar calls: Number of calls answered.
+    @ivar retiring: Whether the worker leaves at the end of this checkout
+        (a call ran out of memory).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class Worker:
         self._checkout_done: Callable[[], Any] | None = None
         self._title: Callable[[str], None] | None = None
         self.calls = 0
+        self.retiring = False
 
     def show_title(self, title: Callable[[str], None]) -> None:
         """
@@ -191,7 +194,7 @@ class Worker:
                     self._connection.sendall(reply)
                 else:
                     in_checkout = False
-                    if not self._run_checkout_done():
+                    if not self._run_checkout_done() or self.retiring:
                         self._connection.sendall(_wire.BYE)
                         return
         except ProtocolError as error:
@@ -258,6 +261,11 @@ class Worker:
 
         try:
             value = self._dispatcher.lookup(method)(*args, **kwargs)
+        except MemoryError as error:
+            # Memory this short leaves the worker in no state to trust: it
+            # answers, then leaves once the checkout ends.
+            self.retiring = True
+            return _wire.error("remote", *_describe(error), events)
         except Exception as error:
             return _wire.error("remote", *_describe(error), events)
         try:
@@ -440,6 +448,11 @@ def main(argv: list[str] | None = None) -> None:
     # A session of its own lets the server kill the worker together with
     # any process it started.
     os.setsid()
+    memory_limit = config.get("memory_limit")
+    if memory_limit is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     _capture_logging(config.get("log_level", "INFO"))
 
     # The descriptor shares its open file with the server's copy, which

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from txtask import ProtocolError, _wire
+from txtask import ProtocolError, RemoteError, _wire
 
 
 def frame(body: bytes) -> bytes:
@@ -285,3 +285,25 @@ async def test_client_refuses_a_reply_sent_before_its_call(make_client, tmp_path
     await workers[0].closed.addTimeout(10, reactor)
     assert await client.call("good", "second") == ["second"]
     await port.stopListening()
+
+
+@ensureDeferred
+async def test_worker_memory_limit_fails_the_call_and_retires_the_worker(
+    start_server, make_client
+):
+    """
+    The worker leaves after the checkout whatever the client's
+    refork_after_error says; the server goes on serving.
+    """
+    await start_server(worker_memory_limit=256 * 2**20)
+    client = make_client(min_workers=1, refork_after_error=False)
+    with client.checkout(timeout=10) as checkout:
+        pid = await checkout.pid()
+        assert await checkout.allocate(16) == 16 * 2**20
+        with pytest.raises(RemoteError) as raised:
+            await checkout.allocate(1024)
+        assert raised.value.type_name == "MemoryError"
+        assert await checkout.pid() == pid
+    with client.checkout(timeout=10) as checkout:
+        assert await checkout.pid() != pid
+        assert await checkout.allocate(16) == 16 * 2**20

@@ -111,3 +111,7 @@ def log_after_importing_logging(message):
 
     logging.getLogger("sample.late").warning(message)
     return message
+
+
+def allocate(megabytes):
+    return len(bytearray(megabytes * 2**20))
