@@ -10,7 +10,6 @@ from twisted.python import usage
 from txtask import _wire
 from txtask._server import TaskServer
 
-
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
