@@ -44,6 +44,7 @@ class FakePool:
         self.reactor = Clock()
         self.name = name
         self.leak_warning = leak_warning
+        self.connect_error: str | None = None
         self.counters = Counters()
         self.refork_after_error = refork_after_error
         self.requests: list[tuple[_CheckoutCore, bool]] = []

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from txtask._listen import is_unix, safe_description
+from txtask._listen import (
+    check_client_certificate_description,
+    is_unix,
+    safe_description,
+)
 
 
 @pytest.mark.parametrize(
@@ -34,3 +38,29 @@ def test_is_unix():
     assert is_unix("unix:a.sock")
     assert not is_unix("tcp:7000")
     assert not is_unix("ssl:7000:privateKey=unix.pem")
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "ssl:7000:privateKey=k.pem:certKey=c.pem",
+        "ssl:7000:k.pem:c.pem",
+        "ssl:port=7000:privateKey=k.pem:interface=0.0.0.0:backlog=5",
+    ],
+)
+def test_client_certificates_accept_a_plain_ssl_description(description: str):
+    check_client_certificate_description(description)
+
+
+@pytest.mark.parametrize(
+    ("description", "complaint"),
+    [
+        ("tcp:7000", "needs an ssl: listen description"),
+        ("unix:txtask.sock", "needs an ssl: listen description"),
+        ("ssl:7000:privateKey=k.pem:dhParameters=dh.pem", "'dhParameters'"),
+        ("ssl:7000:k.pem:c.pem:TLSv1_2_METHOD", "as name=value"),
+    ],
+)
+def test_client_certificates_refuse_other_descriptions(description, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        check_client_certificate_description(description)

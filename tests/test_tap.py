@@ -38,6 +38,7 @@ def test_options_defaults() -> None:
         "log-level": "INFO",
         "max-frame-size": 64 * 1024 * 1024,
         "worker-memory-limit": None,
+        "client-ca": None,
     }
 
 
@@ -96,6 +97,15 @@ def test_options_short_names() -> None:
 def test_options_refuse_bad_values(arguments: list[str]) -> None:
     with pytest.raises(usage.UsageError):
         parse("--interface=myapp.hasher", *arguments)
+
+
+@pytest.mark.parametrize(
+    "listen",
+    ["unix:txtask.sock", "ssl:7000:privateKey=k.pem:dhParameters=dh.pem"],
+)
+def test_options_refuse_client_ca_without_a_plain_ssl_listen(listen: str) -> None:
+    with pytest.raises(usage.UsageError, match="--client-ca"):
+        parse("--interface=myapp.hasher", f"--listen={listen}", "--client-ca=ca.pem")
 
 
 def test_options_refuse_an_unknown_log_level() -> None:

@@ -125,6 +125,9 @@ class Pool(Protocol):
     #: Seconds a checkout may hold a worker with no call in flight before
     #: a warning is logged; C{None}: never.
     leak_warning: float | None
+    #: Why the latest attempt to reach a server failed, if none succeeded
+    #: since; C{None} otherwise.
+    connect_error: str | None
 
     def request_worker(self, core: _CheckoutCore, first: bool = False) -> None:
         """
@@ -509,6 +512,11 @@ class _CheckoutCore:
             return
         if self._running is not None:
             waiting = f"for {self._running.label} to return"
+        elif self._pool.connect_error is not None:
+            waiting = (
+                f"for a worker; the latest attempt to connect failed: "
+                f"{self._pool.connect_error}"
+            )
         else:
             waiting = "for a worker"
         self.abort(

@@ -156,6 +156,7 @@ class Client:
         self._retry: IDelayedCall | None = None
         self._closed: Deferred[None] | None = None
         self._unreachable_logged = False
+        self.connect_error: str | None = None
 
     @property
     def reactor(self) -> Any:
@@ -382,6 +383,7 @@ class Client:
     def _connected(self, target: _Target, connection: WorkerConnection) -> None:
         del self._connecting[connection]
         target.succeeded()
+        self.connect_error = None
         if self._unreachable_logged:
             self._unreachable_logged = False
             self.log.info(
@@ -402,6 +404,7 @@ class Client:
         if self._closed is not None:
             return
         target.failed(self.reactor.seconds())
+        self.connect_error = f"{target.label}: {failure.getErrorMessage()}"
         if not self._unreachable_logged:
             self._unreachable_logged = True
             self.log.warn(

@@ -4,7 +4,10 @@ TaskServer: a launcher that starts one worker process per connection.
 How this works. The server listens on a Twisted endpoint. For each accepted
 connection it spawns C{python -m txtask.worker} and hands it the connection
 itself as file descriptor 3, so calls go straight from the client to the
-worker and never through this process. The server keeps its copy of the
+worker and never through this process. A TLS connection is the exception:
+its encryption lives here, so it counts only once its handshake succeeded,
+and its worker gets one end of a socket pair that L{txtask._relay} joins to
+it. The server keeps its copy of the
 connection open but unread until the worker exits, then closes it: that
 close is what tells the client a worker died, even if something the worker
 started still holds the descriptor.
@@ -37,15 +40,23 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHandshakeListener,
     IListeningPort,
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from txtask import _wire
-from txtask._listen import is_unix, safe_description
+from txtask._listen import (
+    check_client_certificate_description,
+    endpoint_requiring_client_certificates,
+    is_unix,
+    safe_description,
+)
+from txtask._relay import Relay, needs_relay
 from txtask._watch import StatusPage, WorkerWatch
 from txtask.worker import CONNECTION_FD, STATUS_FD, encode_settings
 from txtask.worker import ENTRY as WORKER_ENTRY
@@ -80,7 +91,13 @@ class _WorkerProcess(ProcessProtocol):
     def __init__(self, server: TaskServer, connection: _Connection, number: int):
         self.server = server
         self.connection = connection
-        self.connection_fd = connection.transport.fileno()
+        self.relay: Relay | None = None
+        if needs_relay(connection.transport):
+            self.relay = Relay(connection.transport)
+            self.connection_fd = self.relay.worker_fd
+            self.hangup_fd: int | None = None
+        else:
+            self.connection_fd = self.hangup_fd = connection.transport.fileno()
         self.page = StatusPage()
         self.number = number
         self.pid: int | None = None
@@ -165,10 +182,13 @@ class _WorkerProcess(ProcessProtocol):
         )
         self.server._worker_exited(self)
         self.page.close()
+        if self.relay is not None:
+            self.relay.close()
         self.connection.transport.loseConnection()
         self.exited.callback(None)
 
 
+@implementer(IHandshakeListener)
 class _Connection(Protocol):
     """
     An accepted connection, waiting for or owned by a worker process.
@@ -179,9 +199,19 @@ class _Connection(Protocol):
         self.worker: _WorkerProcess | None = None
 
     def connectionMade(self) -> None:
+        # A TLS client counts once its handshake succeeded, so that a
+        # client the server refuses never costs a worker process.
+        if not needs_relay(self.transport):
+            self.server._accepted(self)
+
+    def handshakeCompleted(self) -> None:
         self.server._accepted(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.worker is not None and self.worker.relay is not None:
+            self.worker.relay.to_worker(data)
+            return
+
         # A client sends nothing before the worker's hello.
         self.server.log.warn(
             "a client sent {size} bytes before it had a worker; closing it",
@@ -192,6 +222,9 @@ class _Connection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         if self.worker is None:
             self.server._abandoned(self)
+        elif self.worker.relay is not None:
+            self.worker.relay.close()
+            self.server._watch.client_left(self.worker)
 
 
 class TaskServer(Service):
@@ -217,6 +250,7 @@ class TaskServer(Service):
         log_level: str = "INFO",
         max_frame_size: int = _wire.DEFAULT_MAX_FRAME_SIZE,
         worker_memory_limit: int | None = None,
+        client_ca: str | None = None,
         reactor: Any = None,
     ) -> None:
         """
@@ -243,6 +277,9 @@ class TaskServer(Service):
             bytes (C{RLIMIT_AS}); C{None}: no limit. A call that runs out
             fails with a L{RemoteError} of type C{MemoryError} and its worker
             exits once the checkout ends.
+        @param client_ca: Path of a PEM file of certificate authorities: only
+            clients presenting a certificate one of them signed may connect
+            (mutual TLS). Needs an C{ssl:} description as C{listen}.
         @param reactor: The reactor; the global one by default.
         """
         if not isinstance(listen, str) and not IStreamServerEndpoint.providedBy(listen):
@@ -250,6 +287,13 @@ class TaskServer(Service):
                 f"listen must be an endpoint description such as "
                 f"'unix:txtask.sock' or a server endpoint, not {listen!r}"
             )
+        if client_ca is not None:
+            if not isinstance(listen, str):
+                raise TypeError(
+                    "client_ca needs an ssl: description as listen; give an "
+                    "endpoint object its authorities in its own TLS options"
+                )
+            check_client_certificate_description(listen)
         if not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError(
                 f"max_workers must be an integer >= 1, not {max_workers!r}"
@@ -284,6 +328,7 @@ class TaskServer(Service):
         self.log_level = log_level
         self.max_frame_size = max_frame_size
         self.worker_memory_limit = worker_memory_limit
+        self.client_ca = client_ca
         self._reactor = reactor
         self.listening: Deferred[IListeningPort] = Deferred()
         self._port: IListeningPort | None = None
@@ -320,7 +365,12 @@ class TaskServer(Service):
         if self.name is not None:
             setproctitle.setproctitle(f"txtask-server: {self.name}")
         self._watch = WorkerWatch(self.reactor, self.hung_worker_timeout)
-        if isinstance(self.listen, str):
+        if self.client_ca is not None:
+            endpoint = endpoint_requiring_client_certificates(
+                self.reactor, self.listen, self.client_ca
+            )
+            unix = False
+        elif isinstance(self.listen, str):
             description = safe_description(self.listen)
             endpoint = serverFromString(self.reactor, description)
             unix = is_unix(description)
@@ -436,9 +486,10 @@ class TaskServer(Service):
         worker = _WorkerProcess(self, connection, number)
         connection.worker = worker
 
-        # The worker owns the connection from now on; this process never
-        # reads it again.
-        connection.transport.stopReading()
+        # The worker owns a plain connection from now on; this process
+        # never reads it again.
+        if worker.relay is None:
+            connection.transport.stopReading()
         config = {
             "interface": self.interface,
             "setup": self.setup,
@@ -466,8 +517,12 @@ class TaskServer(Service):
         except OSError as error:
             self.log.error("cannot start a worker process: {error}", error=str(error))
             worker.page.close()
+            if worker.relay is not None:
+                worker.relay.abandon()
             connection.transport.abortConnection()
             return
         worker.page.close_fd()
+        if worker.relay is not None:
+            worker.relay.start(self.reactor)
         self._workers.add(worker)
         self._watch.add(worker)

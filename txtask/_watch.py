@@ -16,7 +16,9 @@ The server also polls each worker's connection for the peer hanging up
 (C{EPOLLRDHUP}, on an epoll set of its own, without reading). A client that
 leaves mid-call (its timeout, abort or cancel) gets its worker killed, so
 abandoned work does not run on; an idle worker sees the end of the stream
-itself and exits. Linux only, as is txtask's server.
+itself and exits. A relayed connection (TLS, see L{txtask._relay}) is not
+polled: the server hears its client leave and calls L{WorkerWatch.client_left}.
+Linux only, as is txtask's server.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ class Watched(Protocol):
     """
 
     page: StatusPage
-    connection_fd: int
+    #: The client connection to poll for a hangup; C{None} when the server
+    #: hears of it itself (see L{WorkerWatch.client_left}).
+    hangup_fd: int | None
 
     def kill_hung(self, elapsed: float) -> None:
         """
@@ -100,7 +104,8 @@ class WorkerWatch:
         self._interval = MAX_CHECK_INTERVAL
         if hung_worker_timeout is not None:
             self._interval = min(MAX_CHECK_INTERVAL, hung_worker_timeout / 4)
-        self._workers: dict[int, Watched] = {}
+        self._workers: set[Watched] = set()
+        self._hangup_fds: dict[int, Watched] = {}
         self._abandoned: set[Watched] = set()
         self._epoll = select.epoll()
         self._reader = _HangupReader(self._epoll, self._hung_up)
@@ -110,8 +115,10 @@ class WorkerWatch:
         """
         Start watching a worker that was just spawned.
         """
-        self._epoll.register(worker.connection_fd, select.EPOLLRDHUP)
-        self._workers[worker.connection_fd] = worker
+        if worker.hangup_fd is not None:
+            self._epoll.register(worker.hangup_fd, select.EPOLLRDHUP)
+            self._hangup_fds[worker.hangup_fd] = worker
+        self._workers.add(worker)
         worker.page.seen_at = self._reactor.seconds()
         if len(self._workers) == 1:
             self._reactor.addReader(self._reader)
@@ -121,9 +128,10 @@ class WorkerWatch:
         """
         Stop watching a worker that exited.
         """
-        if self._workers.pop(worker.connection_fd, None) is not None:
+        self._workers.discard(worker)
+        if self._hangup_fds.pop(worker.hangup_fd, None) is not None:
             try:
-                self._epoll.unregister(worker.connection_fd)
+                self._epoll.unregister(worker.hangup_fd)
             except (OSError, ValueError):
                 # The hangup already unregistered it.
                 pass
@@ -146,7 +154,7 @@ class WorkerWatch:
     def _run_check(self) -> None:
         self._check = None
         now = self._reactor.seconds()
-        for worker in list(self._workers.values()):
+        for worker in list(self._workers):
             page = worker.page
             counter = page.counter
             if counter != page.seen:
@@ -168,8 +176,15 @@ class WorkerWatch:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
             pass
-        worker = self._workers.get(fd)
-        if worker is None:
+        worker = self._hangup_fds.get(fd)
+        if worker is not None:
+            self.client_left(worker)
+
+    def client_left(self, worker: Watched) -> None:
+        """
+        The client of a worker hung up.
+        """
+        if worker not in self._workers:
             return
         if worker.page.busy:
             worker.kill_abandoned()

@@ -8,6 +8,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from txtask import _wire
+from txtask._listen import check_client_certificate_description
 from txtask._server import TaskServer
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
@@ -104,6 +105,13 @@ class Options(usage.Options):
             _size,
         ],
         [
+            "client-ca",
+            None,
+            None,
+            "PEM file of certificate authorities: with an ssl: --listen, only "
+            "clients presenting a certificate signed by one of them may connect.",
+        ],
+        [
             "log-level",
             None,
             "INFO",
@@ -118,6 +126,11 @@ class Options(usage.Options):
             raise usage.UsageError("--max-workers must be at least 1")
         if self["shutdown-grace"] < 0:
             raise usage.UsageError("--shutdown-grace must not be negative")
+        if self["client-ca"] is not None:
+            try:
+                check_client_certificate_description(self["listen"])
+            except ValueError as error:
+                raise usage.UsageError(f"--client-ca: {error}") from None
         level = self["log-level"].upper()
         if level not in _LOG_LEVELS:
             raise usage.UsageError(
@@ -145,4 +158,5 @@ def makeService(options: Options) -> IService:
         log_level=options["log-level"].upper(),
         max_frame_size=options["max-frame-size"],
         worker_memory_limit=options["worker-memory-limit"],
+        client_ca=options["client-ca"],
     )

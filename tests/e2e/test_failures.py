@@ -110,8 +110,10 @@ async def test_timeout_none_waits(start_server, make_client):
 async def test_timeout_when_server_never_reachable(make_client, tmp_path):
     client = make_client(f"unix:{tmp_path / 'nobody.sock'}")
     with client.checkout(timeout=0.3) as checkout:
-        with pytest.raises(CheckoutTimeout, match="waiting for a worker"):
+        with pytest.raises(CheckoutTimeout, match="waiting for a worker") as raised:
             await checkout.pid()
+    assert "nobody.sock" in str(raised.value)
+    assert "No such file or directory" in str(raised.value)
 
 
 @pytest.mark.parametrize(
