@@ -1,20 +1,20 @@
 """
 Benchmark txtask against a bare Twisted-to-blocking-worker loop.
 
-Run it from a regular, non-editable install of txtask:
+Run it from a regular, non-editable install of txtask, from the root of a
+clone:
 
-    python -m venv /tmp/benchvenv
-    /tmp/benchvenv/bin/pip install /work/main
+    python3 -m venv /tmp/benchvenv
+    /tmp/benchvenv/bin/pip install .
     /tmp/benchvenv/bin/python benchmarks/bench.py
 
 Every worker process imports txtask as it starts. When that import comes
 from a source tree (an editable install, or PYTHONPATH pointing at the
-checkout) and PYTHONDONTWRITEBYTECODE is set, as it is on our machines,
-Python compiles txtask afresh in each worker and the cold checkout figure
+checkout) and PYTHONDONTWRITEBYTECODE is set, Python compiles txtask afresh in each worker and the cold checkout figure
 measures the compiler. The script prints where it imported txtask from and
 warns when that is a source tree.
 
-What it measures, in one run of about 15 seconds:
+What it measures, in one run of 7 to 15 seconds:
 
   - the bare loop, the baseline: a plain Twisted Protocol sends C{>I}-framed
     msgpack calls over a unix socket to C{bare_worker.py}, a blocking loop

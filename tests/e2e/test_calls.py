@@ -4,6 +4,7 @@ End to end: values, interface kinds and call ordering, with real workers.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -244,3 +245,14 @@ async def test_class_instantiated_once_per_worker(start_server, make_client):
     client = make_client(min_workers=1, max_workers=1)
     for expected in (1, 2, 3):
         assert await client.call("bump") == expected
+
+
+@ensureDeferred
+async def test_fifty_megabytes_round_trip(start_server, make_client):
+    """A 50 MB argument reaches the worker and comes back, byte for byte."""
+    await start_server()
+    client = make_client()
+    value = os.urandom(50 * 2**20)
+    with client.checkout(timeout=60) as checkout:
+        assert await checkout.identity(value) == value
+        assert await checkout.echo(value) == [[value], {}]
