@@ -6,6 +6,7 @@ a named L{ProtocolError} and everything else keeps working.
 
 from __future__ import annotations
 
+import random
 import struct
 from typing import Any
 
@@ -307,3 +308,61 @@ async def test_worker_memory_limit_fails_the_call_and_retires_the_worker(
     with client.checkout(timeout=10) as checkout:
         assert await checkout.pid() != pid
         assert await checkout.allocate(16) == 16 * 2**20
+
+
+def _fuzz_frames(rng: random.Random, count: int) -> list[bytes]:
+    """
+    Frames of every sort: random bodies, mutated calls, lying lengths, and
+    bytes with no frame at all.
+    """
+    calls = [
+        _wire.call("identity", [rng.randbytes(rng.randrange(40))], {}),
+        _wire.call("echo", [1, "two", [3.0]], {"key": None}),
+        _wire.call(None, [], {}),
+        _wire.DONE,
+    ]
+    made = []
+    for _ in range(count):
+        kind = rng.randrange(5)
+        if kind == 0:
+            made.append(frame(rng.randbytes(rng.randrange(64))))
+        elif kind == 1:
+            mutated = bytearray(rng.choice(calls))
+            for _ in range(rng.randrange(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            made.append(bytes(mutated))
+        elif kind == 2:
+            body = rng.choice(calls)[4:]
+            made.append(struct.pack(">I", rng.randrange(2**32)) + body)
+        elif kind == 3:
+            made.append(rng.randbytes(rng.randrange(1, 16)))
+        else:
+            made.append(rng.choice(calls))
+    return made
+
+
+@ensureDeferred
+async def test_server_survives_thousands_of_random_and_mutated_frames(
+    start_server, make_client, socket_path
+):
+    """
+    Whatever the frames do to each worker, every hostile connection ends,
+    and then a normal checkout works.
+    """
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    server = await start_server(max_workers=8, max_frame_size=2**16)
+    for _ in range(10):
+        peers = [await connect_raw(socket_path) for _ in range(8)]
+        for peer in peers:
+            await peer.first_message.addTimeout(10, reactor)
+            peer.transport.write(b"".join(_fuzz_frames(rng, 40)))
+            peer.transport.loseWriteConnection()
+        await DeferredList([peer.closed for peer in peers]).addTimeout(10, reactor)
+
+    # A peer sees its connection close only once the server closed its copy,
+    # which it does when the worker has exited.
+    assert server.live_workers == 0, f"random seed {seed}"
+    client = make_client()
+    with client.checkout(timeout=10) as checkout:
+        assert await checkout.identity(seed) == seed

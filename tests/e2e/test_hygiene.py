@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from processes import children
 from pytest_twisted import ensureDeferred
 from twisted.internet.defer import Deferred, gatherResults
 
@@ -14,25 +15,6 @@ RECYCLES = 1000
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def _children() -> list[tuple[int, str]]:
-    """
-    This process's children, with their state (C{Z} for a zombie).
-    """
-    children = []
-    me = str(os.getpid())
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        if fields[1] == me:
-            children.append((int(entry), fields[0]))
-    return children
 
 
 @ensureDeferred
@@ -56,7 +38,7 @@ async def test_thousand_recycles_leak_nothing(start_server, make_client, until):
     client = make_client(min_workers=2, max_workers=2, max_checkouts=1)
 
     def settled() -> bool:
-        return client.stats()["idle"] == 2 and len(_children()) == 2
+        return client.stats()["idle"] == 2 and len(children()) == 2
 
     await client.call("pid")
     await until(settled, what="two idle workers")
@@ -73,4 +55,4 @@ async def test_thousand_recycles_leak_nothing(start_server, make_client, until):
 
     assert len(pids) == RECYCLES
     assert _open_fds() == fds_before
-    assert [state for _, state in _children() if state == "Z"] == []
+    assert [state for _, state in children() if state == "Z"] == []
