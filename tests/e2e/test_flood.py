@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import resource
 
+from peers import RawPeer
 from processes import children
 from pytest_twisted import ensureDeferred
 from twisted.internet import reactor
@@ -13,8 +14,6 @@ from twisted.internet.defer import DeferredList
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
-
-from tests.e2e.test_hostile import RawPeer
 
 FLOOD = 1000
 MAX_WORKERS = 4

@@ -12,10 +12,11 @@ from typing import Any
 
 import msgpack
 import pytest
+from peers import connect_raw
 from pytest_twisted import ensureDeferred
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -28,35 +29,6 @@ def frame(body: bytes) -> bytes:
 
 def packed(value: Any) -> bytes:
     return frame(msgpack.packb(value))
-
-
-class RawPeer(Protocol):
-    """
-    A connection that sends whatever the test says and records what comes
-    back: the hostile side of the conversation.
-    """
-
-    def __init__(self) -> None:
-        self.decoder = _wire.FrameDecoder()
-        self.received: list[Any] = []
-        self.first_message: Deferred[Any] = Deferred()
-        self.closed: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        for message in self.decoder.feed(data):
-            self.received.append(message)
-            if not self.first_message.called:
-                self.first_message.callback(message)
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        self.closed.callback(None)
-
-
-async def connect_raw(path: Any) -> RawPeer:
-    peer = RawPeer()
-    endpoint = UNIXClientEndpoint(reactor, str(path))
-    await endpoint.connect(Factory.forProtocol(lambda: peer))
-    return peer
 
 
 # What a client may send a worker after its hello, and what the worker's
