@@ -256,3 +256,12 @@ async def test_fifty_megabytes_round_trip(start_server, make_client):
     with client.checkout(timeout=60) as checkout:
         assert await checkout.identity(value) == value
         assert await checkout.echo(value) == [[value], {}]
+
+
+@ensureDeferred
+async def test_tcp_listens_on_loopback_by_default(start_server, make_client):
+    server = await start_server(listen="tcp:0")
+    address = (await server.listening).getHost()
+    assert address.host == "127.0.0.1"
+    client = make_client(f"tcp:127.0.0.1:{address.port}")
+    assert await client.call("identity", "over tcp") == "over tcp"
