@@ -40,19 +40,21 @@ async def test_chaos_every_call_ends_once(start_server, make_client, until):
     def record(result, number: int):
         fired.setdefault(number, []).append(result)
 
+    # Each call takes a millisecond in the worker, so the 2,000 calls span
+    # about half a second and many kills land in the middle of one.
     killer = LoopingCall(kill_one)
     killer.clock = reactor
-    killer.start(0.05, now=False)
+    killer.start(0.02, now=False)
     calls: list[Deferred] = []
     for number in range(2000):
-        call = client.call("identity", number)
+        call = client.call("slow_identity", number, 0.001)
         call.addBoth(record, number)
         calls.append(call)
     await DeferredList(calls)
     killer.stop()
 
     assert sorted(fired) == list(range(2000))
-    successes = 0
+    successes = died = 0
     for number, results in fired.items():
         assert len(results) == 1
         [result] = results
@@ -61,8 +63,12 @@ async def test_chaos_every_call_ends_once(start_server, make_client, until):
             successes += 1
         else:
             assert result.check(WorkerDied), result
+            died += 1
     assert successes > 0
-    assert len(killed) > 0
+    assert len(killed) >= 5
+    assert died > 0
+    # Every failed call lost its worker; idle workers killed count too.
+    assert client.stats()["workers_retired"]["death"] >= died
 
     await until(
         lambda: client.stats()["idle"] == 4, what=f"pool refilled: {client.stats()}"

@@ -107,6 +107,20 @@ async def test_timeout_none_waits(start_server, make_client):
 
 
 @ensureDeferred
+async def test_timeout_while_every_worker_is_busy(start_server, make_client):
+    await start_server()
+    client = make_client(min_workers=1, max_workers=1)
+    holder = client.checkout(timeout=10)
+    await holder.pid()
+    waiting = client.checkout(timeout=0.3)
+    with pytest.raises(CheckoutTimeout, match="waiting for a worker"):
+        await waiting.pid()
+    # The checkout holding the worker is unharmed.
+    assert await holder.identity("still mine") == "still mine"
+    holder.release()
+
+
+@ensureDeferred
 async def test_timeout_when_server_never_reachable(make_client, tmp_path):
     client = make_client(f"unix:{tmp_path / 'nobody.sock'}")
     with client.checkout(timeout=0.3) as checkout:
@@ -128,6 +142,7 @@ async def test_worker_death_fails_call_promptly(
     client = make_client(min_workers=1, timeout=60)
     checkout = client.checkout()
     pid = await checkout.pid()
+    began = reactor.seconds()
     if death == "sigkill":
         running = checkout.sleep(60)
         os.kill(pid, signal.SIGKILL)
@@ -144,6 +159,8 @@ async def test_worker_death_fails_call_promptly(
             s.shutdown(socket.SHUT_RDWR)
     with pytest.raises(WorkerDied):
         await _bounded(running)
+    # Promptly: from the connection closing, not from any timer.
+    assert reactor.seconds() - began < 0.5
     await exits.wait(pid)
     checkout.release()
 
@@ -324,13 +341,19 @@ async def test_server_cap_bounds_live_workers(start_server, make_client):
 
 
 @ensureDeferred
-async def test_graceful_stop_lets_checkout_finish(start_server, make_client, exits):
+async def test_graceful_stop_lets_checkout_finish(
+    start_server, make_client, exits, socket_path, events
+):
     server = await start_server()
     client = make_client(min_workers=1)
     checkout = client.checkout(timeout=10)
     pid = await checkout.pid()
     running = checkout.sleep(0.3)
     stopped = server.stopService()
+    # The socket goes at once, while the worker is still busy.
+    await events.wait_for(lambda event: "no longer listening" in event["log_format"])
+    assert not socket_path.exists()
+    assert not running.called
     assert await running == 0.3
     assert await checkout.pid() == pid
     checkout.release()

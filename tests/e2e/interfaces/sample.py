@@ -115,3 +115,10 @@ def log_after_importing_logging(message):
 
 def allocate(megabytes):
     return len(bytearray(megabytes * 2**20))
+
+
+def slow_identity(value, seconds):
+    import time
+
+    time.sleep(seconds)
+    return value
