@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import weakref
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from pytest_twisted import ensureDeferred
 from twisted.logger import LogLevel
 
 from txtask import (
+    CheckoutAborted,
     CheckoutTimeout,
     RemoteError,
     RequestLog,
     SetupError,
+    WorkerDied,
 )
 
 
@@ -46,6 +49,27 @@ async def test_worker_records_reach_client_log_with_fields(
         assert record["worker_pid"] == pid
         assert record["method"] == "work"
         assert record["checkout_id"] == checkout.checkout_id
+
+
+@pytest.mark.parametrize(
+    ("level", "captured"),
+    [
+        (
+            "DEBUG",
+            ["below the captured level", "working on 21", "inside the inner step"],
+        ),
+        ("WARNING", ["inside the inner step"]),
+    ],
+)
+@ensureDeferred
+async def test_log_level_sets_what_workers_capture(
+    start_server, make_client, events, level, captured
+):
+    await start_server("logs", log_level=level)
+    client = make_client(min_workers=1)
+    assert await client.call("work", 21) == 42
+    records = _remote(events, "txtask.remote.logs.iface")
+    assert [e["message"] for e in records] == captured
 
 
 @ensureDeferred
@@ -151,14 +175,28 @@ async def test_request_log_collects_everything_in_order(start_server, make_clien
     assert dump["start"] == log.start
 
 
+@pytest.mark.parametrize("ending", ["timeout", "abort", "death"])
 @ensureDeferred
-async def test_request_log_is_dropped_after_a_timeout(start_server, make_client):
+async def test_request_log_is_dropped_after_a_fatal_error(
+    start_server, make_client, ending
+):
     await start_server("logs")
     client = make_client(min_workers=1)
     log = RequestLog()
-    checkout = client.checkout(timeout=0.3, log=log)
-    with pytest.raises(CheckoutTimeout):
-        await checkout.sleep(30)
+    checkout = client.checkout(timeout=0.3 if ending == "timeout" else 10, log=log)
+    pid = await checkout.pid()
+    running = checkout.sleep(30)
+    if ending == "abort":
+        checkout.abort("enough")
+    elif ending == "death":
+        os.kill(pid, signal.SIGKILL)
+    expected = {
+        "timeout": CheckoutTimeout,
+        "abort": CheckoutAborted,
+        "death": WorkerDied,
+    }
+    with pytest.raises(expected[ending]):
+        await running
     collected = weakref.ref(log)
     del log
     gc.collect()
