@@ -76,8 +76,11 @@ async def test_timeout_fails_call_and_kills_worker(start_server, make_client, ex
     pid = await checkout.pid()
     with pytest.raises(CheckoutTimeout, match="timed out after 0.5 seconds") as raised:
         await checkout.sleep(60)
+    timed_out = reactor.seconds()
     event = await exits.wait(pid)
     assert event["signal"] == signal.SIGKILL
+    # The server hears the hangup and kills at once, not at its next check.
+    assert reactor.seconds() - timed_out < 0.3
 
     # Fatal errors stick: the same error, at once.
     later = checkout.pid()
@@ -275,6 +278,25 @@ async def test_refork_after_error(start_server, make_client, refork, same):
     assert (await client.call("pid") == first) is same
 
 
+@pytest.mark.parametrize("retirement", ["error", "setup"])
+@ensureDeferred
+async def test_retiring_starts_the_replacement_at_once(
+    start_server, make_client, retirement
+):
+    """Retiring after an error or a failed setup never shrinks the pool."""
+    if retirement == "setup":
+        await start_server(setup="sample:broken_setup")
+    else:
+        await start_server()
+    client = make_client(min_workers=2, max_workers=2)
+    checkout = client.checkout(timeout=10)
+    with pytest.raises(RemoteError):
+        await checkout.fail("x")
+    checkout.release()
+    stats = client.stats()
+    assert stats["idle"] + stats["connecting"] == 2, stats
+
+
 @ensureDeferred
 async def test_max_checkouts_retires_worker(start_server, make_client):
     await start_server()
@@ -321,6 +343,20 @@ async def test_close_fails_waiting_and_held(start_server, make_client):
     assert pool_state(client) == {"idle": 0, "busy": 0, "connecting": 0, "waiting": 0}
     with pytest.raises(ClientClosed):
         client.checkout()
+
+
+@ensureDeferred
+async def test_close_closes_every_connection_and_idle_workers_leave(
+    start_server, make_client, until
+):
+    server = await start_server()
+    client = make_client(min_workers=3, max_workers=3)
+    held = client.checkout(timeout=10)
+    await held.pid()
+    await until(lambda: client.stats()["idle"] == 2, what="two idle workers")
+    await _bounded(client.close())
+    # Each worker read the end of its stream, so none is left serving.
+    await until(lambda: server.live_workers == 0, what="workers to exit")
 
 
 @ensureDeferred
