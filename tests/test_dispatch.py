@@ -673,3 +673,18 @@ def test_descriptor_receives_what_was_sent() -> None:
     with ours, theirs:
         ours.sendall(b"frame")
         assert _Descriptor(theirs.fileno()).recv(100) == b"frame"
+
+
+def test_worker_whose_client_left_before_the_hello_exits_quietly() -> None:
+    """No traceback for a client that was gone before the worker started."""
+    ours, theirs = socket.socketpair()
+    control_read, control_write = os.pipe()
+    ours.close()
+    try:
+        worker = Worker(_Descriptor(theirs.fileno()), control_read, SERVICE)
+        worker.run()
+        assert worker.calls == 0
+    finally:
+        theirs.close()
+        os.close(control_read)
+        os.close(control_write)

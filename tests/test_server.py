@@ -544,17 +544,21 @@ def test_server_without_hung_worker_timeout_never_kills(
     assert killed == []
 
 
+@pytest.mark.parametrize(("counter", "during"), [(1, "setup"), (3, "a call")])
 def test_server_kills_a_busy_worker_whose_client_left(
-    harness: Harness, killed: list[tuple[int, int]]
+    harness: Harness, killed: list[tuple[int, int]], counter: int, during: str
 ) -> None:
     harness.start()
     _, _, client_end = harness.connect()
     [process] = harness.processes
-    set_status(process, 1)
+    set_status(process, counter)
     client_end.close()
-    for reader in harness.reactor.getReaders():
-        reader.doRead()
+    with capturedLogs() as events:
+        for reader in harness.reactor.getReaders():
+            reader.doRead()
     assert killed == [(process.pid, signal.SIGKILL)]
+    [event] = [e for e in events if "left during" in e["log_format"]]
+    assert event["during"] == during
 
 
 def test_server_lets_an_idle_worker_whose_client_left_exit_alone(

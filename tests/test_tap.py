@@ -108,6 +108,17 @@ def test_options_refuse_client_ca_without_a_plain_ssl_listen(listen: str) -> Non
         parse("--interface=myapp.hasher", f"--listen={listen}", "--client-ca=ca.pem")
 
 
+def test_options_refuse_a_missing_client_ca_file(tmp_path) -> None:
+    listen = "--listen=ssl:7000:privateKey=k.pem"
+    with pytest.raises(usage.UsageError, match="no such file"):
+        parse("--interface=myapp.hasher", listen, f"--client-ca={tmp_path / 'no.pem'}")
+    (tmp_path / "ca.pem").write_text("certificates")
+    options = parse(
+        "--interface=myapp.hasher", listen, f"--client-ca={tmp_path}/ca.pem"
+    )
+    assert options["client-ca"] == f"{tmp_path}/ca.pem"
+
+
 def test_options_refuse_an_unknown_log_level() -> None:
     """Caught here, rather than by every worker failing at start."""
     with pytest.raises(usage.UsageError):

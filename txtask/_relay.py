@@ -19,6 +19,8 @@ from twisted.internet.interfaces import ISSLTransport, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+_DRAIN_SIZE = 64 * 1024
+
 
 def needs_relay(transport: ITransport) -> bool:
     """
@@ -41,6 +43,7 @@ class Relay(Protocol):
         self._client = client
         self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.worker_fd = self._theirs.fileno()
+        self._lost = False
 
     def start(self, reactor: Any) -> None:
         """
@@ -76,11 +79,32 @@ class Relay(Protocol):
 
     def close(self) -> None:
         """
-        The client is gone, or the worker exited: close this end, so the
-        worker reads the end of its stream.
+        The client is gone: close this end, so the worker reads the end of
+        its stream.
         """
         if self.transport is not None:
             self.transport.loseConnection()
 
+    def finish(self) -> None:
+        """
+        The worker exited: pass on what it wrote last, then close.
+
+        Its last bytes (a reply, a C{bye}) may still wait in the pair when
+        the exit is heard, and closing stops reading at once.
+        """
+        if self.transport is None or self._lost:
+            return
+        handle = self.transport.getHandle()
+        while True:
+            try:
+                data = handle.recv(_DRAIN_SIZE)
+            except (BlockingIOError, ConnectionError):
+                break
+            if not data:
+                break
+            self._client.write(data)
+        self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
         self._client.unregisterProducer()

@@ -4,13 +4,14 @@ TaskServer: a launcher that starts one worker process per connection.
 How this works. The server listens on a Twisted endpoint. For each accepted
 connection it spawns C{python -m txtask.worker} and hands it the connection
 itself as file descriptor 3, so calls go straight from the client to the
-worker and never through this process. A TLS connection is the exception:
-its encryption lives here, so it counts only once its handshake succeeded,
-and its worker gets one end of a socket pair that L{txtask._relay} joins to
-it. The server keeps its copy of the
+worker and never through this process. The server keeps its copy of the
 connection open but unread until the worker exits, then closes it: that
 close is what tells the client a worker died, even if something the worker
 started still holds the descriptor.
+
+A TLS connection is the exception: its encryption lives here, so it counts
+only once its handshake succeeded, and its worker gets one end of a socket
+pair that L{txtask._relay} joins to it.
 
 The worker's standard input is a control pipe: closing it asks the worker to
 exit once its current checkout ends. Its standard output and error are read
@@ -162,11 +163,14 @@ class _WorkerProcess(ProcessProtocol):
         self.kill()
 
     def kill_abandoned(self) -> None:
+        # The counter's first odd value is the setup after the hello.
+        during = "setup" if self.page.counter == 1 else "a call"
         self.server.log.info(
-            "the client of worker {worker_id} (pid {pid}) left during a call; "
+            "the client of worker {worker_id} (pid {pid}) left during {during}; "
             "killing the worker",
             worker_id=self.number,
             pid=self.pid,
+            during=during,
         )
         self.kill()
 
@@ -183,7 +187,7 @@ class _WorkerProcess(ProcessProtocol):
         self.server._worker_exited(self)
         self.page.close()
         if self.relay is not None:
-            self.relay.close()
+            self.relay.finish()
         self.connection.transport.loseConnection()
         self.exited.callback(None)
 

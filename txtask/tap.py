@@ -4,6 +4,8 @@ The twistd plugin's options and service: C{twistd -n txtask --interface ...}.
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -131,6 +133,10 @@ class Options(usage.Options):
                 check_client_certificate_description(self["listen"])
             except ValueError as error:
                 raise usage.UsageError(f"--client-ca: {error}") from None
+            if not os.path.isfile(self["client-ca"]):
+                raise usage.UsageError(
+                    f"--client-ca: no such file: {self['client-ca']!r}"
+                )
         level = self["log-level"].upper()
         if level not in _LOG_LEVELS:
             raise usage.UsageError(

@@ -171,7 +171,11 @@ class Worker:
         Serve until the connection closes, the server asks to stop, or the
         peer breaks the protocol.
         """
-        self._connection.sendall(_wire.hello(os.getpid()))
+        try:
+            self._connection.sendall(_wire.hello(os.getpid()))
+        except ConnectionError:
+            # The client left before the worker was ready: nobody to serve.
+            return
         # Set up while the client sends its first call: outside any request,
         # so a standby worker is ready before anyone checks it out.
         self._mark_status()

@@ -14,7 +14,7 @@ import pytest
 from certificates import Authority
 from pytest_twisted import ensureDeferred
 
-from txtask import CheckoutTimeout
+from txtask import CheckoutTimeout, RemoteError
 
 
 @pytest.fixture
@@ -130,3 +130,25 @@ async def test_tls_client_leaving_mid_call_gets_its_worker_killed(
     )
     assert exited["signal"] == signal.SIGKILL
     assert await client.call("identity", "next") == "next"
+
+
+@ensureDeferred
+async def test_tls_relay_passes_on_what_a_worker_wrote_as_it_exited(
+    start_server, make_client, pki, until
+):
+    """
+    A worker that leaves after its checkout says bye first; the relay hands
+    that bye on before closing, so the client sees a worker that stopped,
+    not one that died.
+    """
+    server = await start_server(listen=tls_listen(pki), worker_memory_limit=2**28)
+    port = (await server.listening).getHost().port
+    client = make_client(
+        tls_connect(port, pki["ca_roots"]), min_workers=1, refork_after_error=False
+    )
+    with client.checkout(timeout=10) as checkout:
+        with pytest.raises(RemoteError):
+            await checkout.allocate(1024)
+    await until(lambda: sum(client.stats()["workers_retired"].values()) == 1)
+    retired = client.stats()["workers_retired"]
+    assert (retired["stopped"], retired["death"]) == (1, 0), retired
