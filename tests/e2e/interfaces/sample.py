@@ -118,7 +118,6 @@ def allocate(megabytes):
 
 
 def slow_identity(value, seconds):
-    import time
-
-    time.sleep(seconds)
+    """A call that takes a while in the worker: the chaos test's workload."""
+    sleep(seconds)
     return value
