@@ -48,7 +48,7 @@ async def test_flood_of_silent_connections_stays_under_the_worker_cap(
 
     endpoint = UNIXClientEndpoint(reactor, str(socket_path))
     factory = Factory.forProtocol(build)
-    results = await DeferredList(
+    await DeferredList(
         [endpoint.connect(factory) for _ in range(FLOOD)], consumeErrors=True
     )
     connected = [peer for peer in peers if peer.transport is not None]
@@ -67,4 +67,3 @@ async def test_flood_of_silent_connections_stays_under_the_worker_cap(
 
     assert 0 < max(counts) <= MAX_WORKERS
     assert server.live_workers <= MAX_WORKERS
-    del results
